@@ -1,0 +1,1 @@
+"""ragbeam's driver: command line, options and pipeline construction."""

@@ -1,0 +1,95 @@
+"""Pipeline construction and the driver-side steps around it: output, report, index."""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
+
+from pipeline import report as reporting
+from pipeline.options import RunOptions, beam_options
+from transforms import index, outputs
+from transforms.batch import BatchBounded
+from transforms.embed import EMBEDDERS, EmbedChunks
+from transforms.listing import ListObjects, check_patterns, skip_reason
+from transforms.manifest import BuildManifest
+from transforms.read_text import ERRORS, STATS, ReadTextChunks
+from transforms.write import WriteChunkTables, WriteErrors, WriteManifest, chunk_schema
+
+_log = logging.getLogger(__name__)
+
+
+def build(p: beam.Pipeline, opts: RunOptions) -> None:
+    """Adds the ingestion graph: list -> read+chunk (SDF) -> embed -> Parquet; manifest; errors.
+
+    Chunk text and embeddings stay on one fused path from the read to the Parquet write;
+    only object refs, stats and error records cross a shuffle.
+    """
+    out = opts.output
+    schema = chunk_schema(EMBEDDERS[opts.embedder]().dim)
+    refs = p | 'ListObjects' >> ListObjects(opts.inputs)
+    skipped = refs | 'SkipBySize' >> beam.FlatMapTuple(
+        lambda uri, ref: [(uri, r)] if (r := skip_reason(ref, opts.max_object_bytes)) else [])
+    to_read = refs | 'ToRead' >> beam.FlatMapTuple(
+        lambda uri, ref: [] if skip_reason(ref, opts.max_object_bytes) else [ref])
+    read = to_read | 'ReadText' >> beam.ParDo(
+        ReadTextChunks(opts.chunker, opts.window_bytes, opts.split_bytes)
+    ).with_outputs(ERRORS, STATS, main='chunks')
+    _ = (read.chunks
+         | 'EmbedBatches' >> beam.ParDo(BatchBounded(
+             opts.embed_batch_size, opts.embed_batch_bytes, weight=lambda c: len(c.text)))
+         | 'Embed' >> beam.ParDo(EmbedChunks(opts.embedder, schema))
+         | 'WriteChunks' >> WriteChunkTables(outputs.path(out, 'chunks', 'chunks'), schema))
+    _ = ((refs, read[STATS], skipped)
+         | 'Manifest' >> BuildManifest()
+         | 'WriteManifest' >> WriteManifest(outputs.path(out, 'manifest', 'manifest')))
+    _ = read[ERRORS] | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors'))
+
+
+def make_pipeline(opts: RunOptions) -> beam.Pipeline:
+    """A Pipeline on the requested runner; without --runner, the in-process FnApiRunner.
+
+    Beam's DirectRunner would first try to download the Prism binary, which fails offline.
+    """
+    options = beam_options(opts.beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def run(opts: RunOptions) -> dict | None:
+    """Runs the whole job; returns the report, or None when the runner only translated it."""
+    opts.validate()
+    check_patterns(opts.inputs)
+    outputs.prepare(opts.output)
+    started = time.time()
+    p = make_pipeline(opts)
+    build(p, opts)
+    options = p.options
+    dry_run = options.view_as(TestOptions).dry_run
+    _log.info('ragbeam: running on %s (%s workers)', options.view_as(StandardOptions).runner
+              or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
+    result = p.run()
+    if dry_run:
+        _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
+                     'no report and no index are built')
+        return None
+    result.wait_until_finish()
+    outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(EMBEDDERS[opts.embedder]().dim))
+    index_meta = None
+    if opts.index_type != 'none':
+        index_meta = index.build_index(opts.output, opts.index_type)
+    report = reporting.summarise(opts, index_meta, wall_seconds=time.time() - started,
+                                 peak_rss_mb=peak_rss_mb())
+    outputs.write_json(outputs.path(opts.output, 'report.json'), report)
+    return report
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its finished children (worker processes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)

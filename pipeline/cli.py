@@ -1,0 +1,139 @@
+"""The `ragbeam` command: run, index, query."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from pipeline.options import INDEX_TYPES, RunOptions, UsageError
+from transforms.listing import NoMatchError
+from transforms.outputs import OutputError
+
+_log = logging.getLogger('ragbeam')
+
+
+def _size(text: str) -> int:
+    """A byte count: 1000, 64KiB, 8MiB, 2GiB (also KB/MB/GB as powers of 1024)."""
+    units = {'': 1, 'k': 1 << 10, 'kb': 1 << 10, 'kib': 1 << 10, 'm': 1 << 20, 'mb': 1 << 20,
+             'mib': 1 << 20, 'g': 1 << 30, 'gb': 1 << 30, 'gib': 1 << 30}
+    t = text.strip().lower()
+    number = t.rstrip('kmgib')
+    try:
+        return int(number) * units[t[len(number):]]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f'not a byte size: {text!r} (try 1000, 64KiB, 8MiB)')
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line through UsageError."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from transforms.embed import EMBEDDERS, default_embedder_name
+
+    p = _Parser(prog='ragbeam', description='Documents in buckets -> chunks, embeddings, index.')
+    sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
+
+    run = sub.add_parser('run', help='ingest objects into DIR (any other flag goes to Beam)')
+    run.add_argument('--input', action='append', required=True, metavar='PATTERN',
+                     help='file, directory, glob or bucket prefix; repeatable')
+    run.add_argument('--output', required=True, metavar='DIR')
+    run.add_argument('--embedder', choices=sorted(EMBEDDERS), default=default_embedder_name())
+    run.add_argument('--chunk-size', type=int, default=1000, help='bytes of source text')
+    run.add_argument('--chunk-overlap', type=int, default=100, help='bytes')
+    run.add_argument('--window-bytes', type=_size, default=8 << 20, help='largest single read')
+    run.add_argument('--split-bytes', type=_size, default=64 << 20,
+                     help='initial split of one object')
+    run.add_argument('--pdf-pages-per-split', type=int, default=16)
+    run.add_argument('--max-object-bytes', type=_size, default=None,
+                     help='skip larger objects (with a reason in the manifest)')
+    run.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
+    run.add_argument('--s3-endpoint-url', default=None)
+    run.add_argument('--embed-batch-size', type=int, default=256, help='chunks per batch')
+    run.add_argument('--embed-batch-bytes', type=_size, default=4 << 20,
+                     help='text bytes per batch')
+
+    index = sub.add_parser('index', help='(re)build the vector index of DIR')
+    index.add_argument('--output', required=True, metavar='DIR')
+    index.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
+
+    query = sub.add_parser('query', help='print the chunks nearest to TEXT')
+    query.add_argument('--output', required=True, metavar='DIR')
+    query.add_argument('-k', type=int, default=10)
+    query.add_argument('--json', action='store_true', help='a JSON array instead of text')
+    query.add_argument('text', nargs='+', metavar='TEXT')
+    return p
+
+
+def _run(args, beam_args: list[str]) -> int:
+    from pipeline import build, report
+
+    opts = RunOptions(
+        inputs=args.input, output=args.output, embedder=args.embedder,
+        chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
+        window_bytes=args.window_bytes, split_bytes=args.split_bytes,
+        pdf_pages_per_split=args.pdf_pages_per_split, max_object_bytes=args.max_object_bytes,
+        index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
+        embed_batch_size=args.embed_batch_size, embed_batch_bytes=args.embed_batch_bytes,
+        beam_args=beam_args)
+    _log.info('ragbeam: embedder %s', opts.embedder)
+    result = build.run(opts)
+    if result is not None:
+        print(report.one_line(result))
+    return 0
+
+
+def _index(args) -> int:
+    from transforms.index import build_index
+
+    if args.index_type == 'none':
+        raise UsageError('--index-type none builds nothing')
+    meta = build_index(args.output, args.index_type)
+    print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
+    return 0
+
+
+def _query(args) -> int:
+    from transforms import index, outputs
+    from transforms.embed import embedder_for_model
+
+    meta_path = outputs.path(args.output, 'index', 'index.json')
+    if not outputs.FileSystems.exists(meta_path):
+        raise UsageError(f'no index in {args.output} (run `ragbeam run` or `ragbeam index` first)')
+    meta = outputs.read_json(meta_path)
+    text = ' '.join(args.text)
+    vector = embedder_for_model(meta['model']).embed([text])[0]
+    hits = index.search(args.output, vector, args.k)
+    rows = index.lookup(args.output, [i for _, i in hits])
+    results = [dict(score=round(score, 6), **{k: rows[i][k] for k in
+                                              ('chunk_id', 'uri', 'page', 'start', 'end', 'text')})
+               for score, i in hits if i in rows]
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+        return 0
+    for rank, r in enumerate(results, 1):
+        where = f"{r['uri']}" + (f" p.{r['page']}" if r['page'] else '') + f" [{r['start']}:{r['end']}]"
+        snippet = ' '.join(r['text'].split())[:300]
+        print(f"{rank:2d}. {r['score']:.3f}  {where}\n    {snippet}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    for ours in ('ragbeam', 'pipeline', 'transforms'):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, rest = _parser().parse_known_args(argv)
+        if args.command != 'run' and rest:
+            raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
+        return {'run': lambda: _run(args, rest), 'index': lambda: _index(args),
+                'query': lambda: _query(args)}[args.command]()
+    except (UsageError, NoMatchError, OutputError) as e:
+        print(f'ragbeam: error: {e}', file=sys.stderr)
+        return 2

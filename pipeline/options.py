@@ -1,0 +1,79 @@
+"""Typed options of a ragbeam run, separate from Beam's own pipeline options."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+from transforms.chunk import ChunkerSettings
+
+INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
+BUILT_INDEX_TYPES = ('flat', 'auto', 'none')  # the others arrive with the index issue
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the environment, reported in one line."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to ingest, where to write it, and how to cut and embed it."""
+    inputs: list[str]
+    output: str
+    embedder: str
+    chunk_size: int = 1000
+    chunk_overlap: int = 100
+    window_bytes: int = 8 << 20
+    split_bytes: int = 64 << 20
+    pdf_pages_per_split: int = 16
+    max_object_bytes: Optional[int] = None
+    index_type: str = 'auto'
+    s3_endpoint_url: Optional[str] = None
+    embed_batch_size: int = 256
+    embed_batch_bytes: int = 4 << 20
+    beam_args: list[str] = field(default_factory=list)
+
+    @property
+    def chunker(self) -> ChunkerSettings:
+        return ChunkerSettings(self.chunk_size, self.chunk_overlap)
+
+    def validate(self) -> None:
+        """Raises UsageError for values no run can use."""
+        try:
+            self.chunker.validate()
+        except ValueError as e:
+            raise UsageError(str(e))
+        if self.window_bytes < 4096:
+            raise UsageError('--window-bytes must be at least 4096')
+        if self.window_bytes < 4 * self.chunk_size:
+            raise UsageError('--window-bytes must be at least 4 x --chunk-size')
+        if self.split_bytes < self.chunk_size:
+            raise UsageError('--split-bytes must be at least --chunk-size')
+        if self.pdf_pages_per_split < 1:
+            raise UsageError('--pdf-pages-per-split must be at least 1')
+        if self.max_object_bytes is not None and self.max_object_bytes < 0:
+            raise UsageError('--max-object-bytes must not be negative')
+        if self.index_type not in BUILT_INDEX_TYPES:
+            raise UsageError(f'--index-type {self.index_type} is not available yet; '
+                             f'use one of {", ".join(BUILT_INDEX_TYPES)}')
+        if self.embed_batch_size < 1 or self.embed_batch_bytes < 1:
+            raise UsageError('embedding batches must hold at least one chunk')
+
+    def summary(self) -> dict:
+        """The options as written to report.json."""
+        return asdict(self)
+
+
+def beam_options(args: list[str]) -> PipelineOptions:
+    """Beam's PipelineOptions from the flags ragbeam does not know; unknown flags are errors."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    seen = set()
+    for cls in PipelineOptions.__subclasses__():
+        if str(cls) not in seen:
+            seen.add(str(cls))
+            cls._add_argparse_args(parser)  # the parser Beam itself builds in get_all_options
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise UsageError(f'unknown option {unknown[0]} (neither a ragbeam nor a Beam option)')
+    return PipelineOptions(args)

@@ -1,0 +1,27 @@
+"""Packaging of ragbeam: the `pipeline` and `transforms` packages and the `ragbeam` command.
+
+Also what Dataflow workers install with --setup_file ./setup.py.
+"""
+from setuptools import setup
+
+setup(
+    name='ragbeam',
+    version='0.1.0',
+    description='Bounded-memory Apache Beam ingestion of documents into chunks, embeddings and a vector index',
+    packages=['pipeline', 'transforms'],
+    python_requires='>=3.10',
+    install_requires=[
+        'apache-beam[gcp,aws]==2.77.0',
+        'pyarrow>=17',
+        'pypdf>=5',
+        'boto3',
+        'psutil',
+        'faiss-cpu>=1.8',
+        'charset-normalizer>=3.3',
+        'numpy',
+    ],
+    extras_require={
+        'test': ['pytest', 'hypothesis', 'moto[server]'],
+    },
+    entry_points={'console_scripts': ['ragbeam=pipeline.cli:main']},
+)

@@ -1,0 +1,1 @@
+"""Beam transforms of ragbeam: listing, reading, chunking, embedding, writing, indexing."""

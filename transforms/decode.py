@@ -1,0 +1,106 @@
+"""Text encoding detection from a bounded prefix of an object.
+
+The decision uses only the first DETECT_BYTES of the object (and its size), so every
+restriction of one object reaches the same answer without reading the whole object.
+"""
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+DETECT_BYTES = 64 * 1024
+
+# Legacy multi-byte codecs: a byte below 0x30 is never part of a multi-byte character in
+# any of them (GB18030 uses 0x30-0x39 as trail bytes, so digits are not safe).
+MULTIBYTE_CODECS = frozenset({
+    'big5', 'big5hkscs', 'cp950', 'gb2312', 'gbk', 'gb18030', 'cp936', 'shift_jis', 'cp932',
+    'shift_jis_2004', 'shift_jisx0213', 'euc_jp', 'euc_jis_2004', 'euc_jisx0213', 'euc_kr',
+    'cp949', 'johab',
+})
+# Codecs whose meaning of a byte depends on earlier escape sequences: no local decoding.
+STATEFUL_CODECS = frozenset({
+    'iso2022_jp', 'iso2022_jp_1', 'iso2022_jp_2', 'iso2022_jp_2004', 'iso2022_jp_3',
+    'iso2022_jp_ext', 'iso2022_kr', 'utf_7', 'hz',
+})
+
+_BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, 'utf-32-le'),
+    (codecs.BOM_UTF32_BE, 'utf-32-be'),
+    (codecs.BOM_UTF8, 'utf-8'),
+    (codecs.BOM_UTF16_LE, 'utf-16-le'),
+    (codecs.BOM_UTF16_BE, 'utf-16-be'),
+)
+
+
+class UndecodableError(ValueError):
+    """The object is not text in any encoding ragbeam can chunk."""
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How an object's bytes decode: codec, byte-order-mark length, code unit and family."""
+    codec: str   # Python codec name written to the chunk's `encoding` column
+    bom: int     # bytes of byte-order mark at offset 0, never part of a chunk
+    unit: int    # bytes per code unit: 1, 2 (UTF-16) or 4 (UTF-32)
+    family: str  # 'utf8' | 'single' | 'multibyte' | 'wide'
+
+
+def detect_encoding(head: bytes, size: int) -> TextEncoding:
+    """Decides the encoding from `head` (the object's first bytes) and its total `size`.
+
+    Order: byte-order mark; UTF-16 without BOM (NUL bytes on one parity only); valid UTF-8;
+    else a legacy codec from charset-normalizer. Raises UndecodableError for binary data.
+    """
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return _encoding(codec, len(bom))
+    wide = _utf16_without_bom(head, size)
+    if wide:
+        return _encoding(wide, 0)
+    try:
+        codecs.getincrementaldecoder('utf-8')().decode(head, final=len(head) >= size)
+        return _encoding('utf-8', 0)
+    except UnicodeDecodeError:
+        pass
+    return _legacy_encoding(head)
+
+
+def _encoding(codec: str, bom: int) -> TextEncoding:
+    name = codecs.lookup(codec).name
+    if name.startswith('utf-16'):
+        return TextEncoding(codec, bom, 2, 'wide')
+    if name.startswith('utf-32'):
+        return TextEncoding(codec, bom, 4, 'wide')
+    if name == 'utf-8':
+        return TextEncoding('utf-8', bom, 1, 'utf8')
+    py_name = name.replace('-', '_')
+    if py_name in STATEFUL_CODECS:
+        raise UndecodableError(f'stateful encoding {name} cannot be decoded in ranges')
+    family = 'multibyte' if py_name in MULTIBYTE_CODECS else 'single'
+    return TextEncoding(name, bom, 1, family)
+
+
+def _utf16_without_bom(head: bytes, size: int) -> str | None:
+    """'utf-16-le'/'utf-16-be' when NUL bytes sit on one byte parity only, as in ASCII-heavy UTF-16."""
+    n = len(head) - len(head) % 2
+    if size % 2 or n < 4:
+        return None
+    even_nul = head[0:n:2].count(0) / (n // 2)
+    odd_nul = head[1:n:2].count(0) / (n // 2)
+    for codec, high, low in (('utf-16-le', odd_nul, even_nul), ('utf-16-be', even_nul, odd_nul)):
+        if high >= 0.3 and low <= 0.05:
+            try:
+                codecs.getincrementaldecoder(codec)().decode(head[:n], final=False)
+                return codec
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _legacy_encoding(head: bytes) -> TextEncoding:
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(head).best()
+    if best is None:
+        raise UndecodableError('not text: no known encoding decodes its first bytes')
+    return _encoding(best.encoding, 0)

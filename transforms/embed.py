@@ -1,0 +1,155 @@
+"""Embedders and the batched DoFn that applies one, loaded once per worker process."""
+from __future__ import annotations
+
+import re
+import zlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
+
+from transforms.types import Chunk
+
+
+class Embedder(ABC):
+    """Turns texts into L2-normalised float32 vectors of a fixed dimension."""
+    name: str  # written to the chunk's `model` column and to index.json
+    dim: int
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """A float32 array of shape (len(texts), dim), each row of unit length."""
+
+
+class HashEmbedder(Embedder):
+    """Feature hashing of word unigrams and bigrams: deterministic, dependency-free, fast.
+
+    A lexical baseline (no semantics), good for known-item lookups and for tests.
+    """
+    name = 'hash-ngram-v1'
+
+    _WORD = re.compile(r'\w+')
+    _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+    def __init__(self, dim: int = 384):
+        self.dim = dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows, feats = [], []
+        for i, text in enumerate(texts):
+            h = self._features(text)
+            feats.append(h)
+            rows.append(np.full(len(h), i, dtype=np.int64))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if feats:
+            h = _mix(np.concatenate(feats))
+            signs = np.where(h >> np.uint64(63), -1.0, 1.0)
+            cells = np.concatenate(rows) * self.dim + (h % np.uint64(self.dim)).astype(np.int64)
+            out += np.bincount(cells, weights=signs, minlength=len(texts) * self.dim
+                               ).reshape(len(texts), self.dim).astype(np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        out[empty, 0], norms[empty] = 1.0, 1.0  # no features at all: a fixed unit vector
+        return out / norms
+
+    def _features(self, text: str) -> np.ndarray:
+        words = self._WORD.findall(text.lower()) or list(text.strip())
+        uni = np.fromiter((zlib.crc32(w.encode('utf-8')) for w in words), dtype=np.uint64,
+                          count=len(words))
+        bi = (uni[:-1] * np.uint64(0x9E3779B97F4A7C15) + uni[1:] + np.uint64(1)) & self._MASK
+        return np.concatenate((uni, bi))
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads crc32 values over all 64 bits."""
+    with np.errstate(over='ignore'):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+EMBEDDERS: dict[str, Callable[[], Embedder]] = {
+    'hash': HashEmbedder,
+}
+
+
+def default_embedder_name() -> str:
+    """The embedder used when --embedder is not given."""
+    return 'hash'
+
+
+def load_embedder(name: str) -> Embedder:
+    """The embedder registered under `name` (as given to --embedder)."""
+    try:
+        return EMBEDDERS[name]()
+    except KeyError:
+        raise ValueError(f'unknown embedder {name!r}; known: {", ".join(sorted(EMBEDDERS))}')
+
+
+def embedder_for_model(model: str) -> Embedder:
+    """The embedder that wrote vectors tagged `model` (the chunk's model column)."""
+    for name, make in EMBEDDERS.items():
+        embedder = make()
+        if embedder.name == model:
+            return embedder
+    raise ValueError(f'no installed embedder produces model {model!r}')
+
+
+class _SharedEmbedder:
+    """Weak-referenceable holder, as beam.utils.shared.Shared requires."""
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+
+
+_SHARED = Shared()
+
+
+class EmbedChunks(beam.DoFn):
+    """list[Chunk] -> one pyarrow.Table of chunk rows with their embeddings.
+
+    The embedder is loaded once per worker process and shared by its threads.
+    """
+
+    def __init__(self, embedder_name: str, schema: pa.Schema):
+        self._name = embedder_name
+        self._schema = schema
+        self._embedder: Embedder | None = None
+        self._embedded = Metrics.counter('ragbeam', 'chunks_embedded')
+
+    def setup(self) -> None:
+        self._embedder = _SHARED.acquire(
+            lambda: _SharedEmbedder(load_embedder(self._name)), tag=self._name).embedder
+
+    def process(self, batch: list[Chunk]) -> Iterator[pa.Table]:
+        vectors = self._embedder.embed([c.text for c in batch])
+        self._embedded.inc(len(batch))
+        yield chunk_table(batch, vectors, self._embedder.name, self._schema)
+
+
+def chunk_table(batch: Sequence[Chunk], vectors: np.ndarray, model: str,
+                schema: pa.Schema) -> pa.Table:
+    """The Parquet rows of a batch of chunks and their vectors."""
+    dim = vectors.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)), dim)
+    columns = {
+        'chunk_id': [c.chunk_id for c in batch],
+        'id64': [c.id64 for c in batch],
+        'uri': [c.uri for c in batch],
+        'version': [c.version for c in batch],
+        'kind': [c.kind for c in batch],
+        'page': [c.page for c in batch],
+        'start': [c.start for c in batch],
+        'end': [c.end for c in batch],
+        'text': [c.text for c in batch],
+        'embedding': embedding,
+        'model': [model] * len(batch),
+        'encoding': [c.encoding for c in batch],
+    }
+    return pa.table([columns[f.name] if isinstance(columns[f.name], pa.Array)
+                     else pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)

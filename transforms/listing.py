@@ -1,0 +1,59 @@
+"""Listing input patterns into ObjectRefs, once per object."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.store import store_for
+from transforms.types import ObjectRef
+
+_listed = Metrics.counter('ragbeam', 'objects_listed')
+_listed_bytes = Metrics.counter('ragbeam', 'bytes_listed')
+
+
+def list_pattern(pattern: str) -> Iterator[ObjectRef]:
+    """Every object matching one --input pattern, with size and version."""
+    for ref in store_for(pattern).list(pattern):
+        _listed.inc()
+        _listed_bytes.inc(ref.size)
+        yield ref
+
+
+def skip_reason(ref: ObjectRef, max_object_bytes: Optional[int]) -> Optional[str]:
+    """Why an object is skipped before any read, from its listing alone (None: read it)."""
+    if max_object_bytes is not None and ref.size > max_object_bytes:
+        return f'too large: {ref.size} bytes > --max-object-bytes {max_object_bytes}'
+    return None
+
+
+class ListObjects(beam.PTransform):
+    """Patterns -> (uri, ObjectRef), each object once even when several patterns match it.
+
+    The de-duplication is a GroupByKey of small refs, which also spreads the objects over
+    workers.
+    """
+
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self._patterns = patterns
+
+    def expand(self, pbegin):
+        return (pbegin
+                | 'Patterns' >> beam.Create(self._patterns)
+                | 'List' >> beam.FlatMap(list_pattern)
+                | 'ByUri' >> beam.Map(lambda ref: (ref.uri, ref))
+                | 'Group' >> beam.GroupByKey()
+                | 'Once' >> beam.MapTuple(lambda uri, refs: (uri, next(iter(refs)))))
+
+
+class NoMatchError(ValueError):
+    """An --input pattern that matches nothing."""
+
+
+def check_patterns(patterns: list[str]) -> None:
+    """Fails fast, before a pipeline starts, on a pattern that matches no object."""
+    for pattern in patterns:
+        if next(iter(store_for(pattern).list(pattern)), None) is None:
+            raise NoMatchError(f'--input {pattern} matches no files')
