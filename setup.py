@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         'test': ['pytest', 'hypothesis', 'moto[server]'],
+        'bench': ['matplotlib'],
     },
     entry_points={'console_scripts': ['ragbeam=pipeline.cli:main']},
 )

@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from pipeline import report as reporting
-from pipeline.options import RunOptions, beam_options
+from pipeline.options import RunOptions, UsageError, beam_options
 from transforms import index, outputs
 from transforms.batch import BatchBounded
 from transforms.embed import EMBEDDERS, EmbedChunks
@@ -54,10 +54,14 @@ def make_pipeline(opts: RunOptions) -> beam.Pipeline:
     Beam's DirectRunner would first try to download the Prism binary, which fails offline.
     """
     options = beam_options(opts.beam_args)
+    runner = None
     if options.view_as(StandardOptions).runner is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-        return beam.Pipeline(runner=FnApiRunner(), options=options)
-    return beam.Pipeline(options=options)
+        runner = FnApiRunner()
+    try:
+        return beam.Pipeline(runner=runner, options=options)
+    except ValueError as e:  # the runner's validation of its options, e.g. Dataflow's project
+        raise UsageError(' '.join(str(e).split()))
 
 
 def run(opts: RunOptions) -> dict | None:

@@ -65,9 +65,21 @@ class RunOptions:
         return asdict(self)
 
 
+class _OneLineParser(_BeamArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _bare_dry_run(args: list[str]) -> list[str]:
+    """Beam's --dry_run takes a value; a bare --dry_run means --dry_run=True."""
+    return ['--dry_run=True' if a == '--dry_run' and (i + 1 == len(args) or args[i + 1].startswith('-'))
+            else a for i, a in enumerate(args)]
+
+
 def beam_options(args: list[str]) -> PipelineOptions:
     """Beam's PipelineOptions from the flags ragbeam does not know; unknown flags are errors."""
-    parser = _BeamArgumentParser(allow_abbrev=False)
+    args = _bare_dry_run(args)
+    parser = _OneLineParser(allow_abbrev=False)
     seen = set()
     for cls in PipelineOptions.__subclasses__():
         if str(cls) not in seen:

@@ -68,6 +68,11 @@ class ChunkerSettings:
         """How far before a nominal start the chunker looks for a good break."""
         return self.size // 5
 
+    def reach(self) -> int:
+        """How far past a restriction's end its last chunk usually reads (without long runs
+        of text that has no character boundary)."""
+        return self.size + self.lookback + 2 * CONTEXT
+
     def validate(self) -> None:
         if self.size < 64:
             raise ValueError('--chunk-size must be at least 64 bytes')

@@ -1,6 +1,7 @@
 """Embedders and the batched DoFn that applies one, loaded once per worker process."""
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from abc import ABC, abstractmethod
@@ -33,35 +34,40 @@ class HashEmbedder(Embedder):
     name = 'hash-ngram-v1'
 
     _WORD = re.compile(r'\w+')
-    _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+    _CACHE_LIMIT = 1 << 18
 
     def __init__(self, dim: int = 384):
         self.dim = dim
+        self._hashes = _TokenHashes()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows, feats = [], []
-        for i, text in enumerate(texts):
-            h = self._features(text)
-            feats.append(h)
-            rows.append(np.full(len(h), i, dtype=np.int64))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if feats:
-            h = _mix(np.concatenate(feats))
-            signs = np.where(h >> np.uint64(63), -1.0, 1.0)
-            cells = np.concatenate(rows) * self.dim + (h % np.uint64(self.dim)).astype(np.int64)
-            out += np.bincount(cells, weights=signs, minlength=len(texts) * self.dim
-                               ).reshape(len(texts), self.dim).astype(np.float32)
+        words = [self._WORD.findall(t.lower()) or list(t.strip()) for t in texts]
+        counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        if len(self._hashes) > self._CACHE_LIMIT:
+            self._hashes.clear()
+        uni = np.fromiter(map(self._hashes.__getitem__, itertools.chain.from_iterable(words)),
+                          dtype=np.uint64, count=int(counts.sum()))
+        rows = np.repeat(np.arange(len(texts)), counts)
+        same_text = rows[:-1] == rows[1:]
+        bi = (uni[:-1] * np.uint64(0x9E3779B97F4A7C15) + uni[1:] + np.uint64(1))[same_text]
+        h = _mix(np.concatenate((uni, bi)))
+        cells = (np.concatenate((rows, rows[:-1][same_text])) * self.dim
+                 + (h % np.uint64(self.dim)).astype(np.int64))
+        signs = np.where(h >> np.uint64(63), -1.0, 1.0)
+        out = np.bincount(cells, weights=signs, minlength=len(texts) * self.dim
+                          ).reshape(len(texts), self.dim).astype(np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         empty = norms[:, 0] == 0
         out[empty, 0], norms[empty] = 1.0, 1.0  # no features at all: a fixed unit vector
         return out / norms
 
-    def _features(self, text: str) -> np.ndarray:
-        words = self._WORD.findall(text.lower()) or list(text.strip())
-        uni = np.fromiter((zlib.crc32(w.encode('utf-8')) for w in words), dtype=np.uint64,
-                          count=len(words))
-        bi = (uni[:-1] * np.uint64(0x9E3779B97F4A7C15) + uni[1:] + np.uint64(1)) & self._MASK
-        return np.concatenate((uni, bi))
+
+class _TokenHashes(dict):
+    """token -> crc32 of its UTF-8 bytes, computed on first use (lookups stay in C)."""
+
+    def __missing__(self, token: str) -> int:
+        value = self[token] = zlib.crc32(token.encode('utf-8'))
+        return value
 
 
 def _mix(h: np.ndarray) -> np.ndarray:

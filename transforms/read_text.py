@@ -29,10 +29,14 @@ class ByteWindowReader:
     from the last `release` point onwards.
     """
 
-    def __init__(self, read: Callable[[int, int], bytes], size: int, window_bytes: int):
+    def __init__(self, read: Callable[[int, int], bytes], size: int, window_bytes: int,
+                 limit: Optional[int] = None):
+        """Past `limit` (the end of a restriction plus what its last chunk needs), reads
+        fetch only the bytes asked for, not whole windows."""
         self._read = read
         self._size = size
         self._window = window_bytes
+        self._limit = size if limit is None else min(limit, size)
         self._buf = bytearray()
         self._start = 0
         self.bytes_read = 0
@@ -48,7 +52,7 @@ class ByteWindowReader:
             raise ValueError(f'reader moved past {a} (buffer starts at {self._start})')
         end = self._start + len(self._buf)
         while end < b:
-            piece = self._read(end, min(self._size, end + self._window))
+            piece = self._read(end, min(end + self._window, max(b, self._limit)))
             if not piece:
                 raise IOError(f'object ended at byte {end}, listed size {self._size}')
             self._buf += piece
@@ -106,8 +110,9 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
         owns_head = rng.start == 0
         store = store_for(ref.uri)
         read = lambda a, b: store.read_range(ref, a, b)  # noqa: E731
-        reader = ByteWindowReader(read, ref.size, self._window)
-        head_reader = reader if owns_head else ByteWindowReader(read, ref.size, self._window)
+        reader = ByteWindowReader(read, ref.size, self._window, limit=rng.stop + self._settings.reach())
+        head_reader = reader if owns_head else ByteWindowReader(
+            read, ref.size, self._window, limit=DETECT_BYTES)
         tally = _Tally()
         try:
             is_pdf = looks_like_pdf(ref.uri)

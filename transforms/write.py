@@ -10,8 +10,8 @@ import pyarrow as pa
 from transforms.batch import BatchBounded
 from transforms.types import ErrorRecord, ManifestRow
 
-ROW_GROUP_ROWS = 8192
-ROW_GROUP_BYTES = 32 << 20
+ROW_GROUP_ROWS = 4096
+ROW_GROUP_BYTES = 16 << 20
 
 
 def chunk_schema(dim: int) -> pa.Schema:
