@@ -74,7 +74,7 @@ def run(opts: RunOptions) -> dict | None:
     build(p, opts)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: running on %s (%s workers)', options.view_as(StandardOptions).runner
+    _log.info('ragbeam: embedder %s; running on %s (%s workers)', opts.embedder, options.view_as(StandardOptions).runner
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
     result = p.run()
     if dry_run:

@@ -11,9 +11,6 @@ from pipeline.options import INDEX_TYPES, RunOptions, UsageError
 from transforms.listing import NoMatchError
 from transforms.outputs import OutputError
 
-_log = logging.getLogger('ragbeam')
-
-
 def _size(text: str) -> int:
     """A byte count: 1000, 64KiB, 8MiB, 2GiB (also KB/MB/GB as powers of 1024)."""
     units = {'': 1, 'k': 1 << 10, 'kb': 1 << 10, 'kib': 1 << 10, 'm': 1 << 20, 'mb': 1 << 20,
@@ -81,7 +78,6 @@ def _run(args, beam_args: list[str]) -> int:
         index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
         embed_batch_size=args.embed_batch_size, embed_batch_bytes=args.embed_batch_bytes,
         beam_args=beam_args)
-    _log.info('ragbeam: embedder %s', opts.embedder)
     result = build.run(opts)
     if result is not None:
         print(report.one_line(result))

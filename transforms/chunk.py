@@ -140,7 +140,7 @@ class ChunkRule:
             while end is None:
                 nxt += 1
                 end = self._boundary(fetch, nxt)
-            if boundary is not None:
+            if boundary is not None and boundary < end:
                 yield self._overlap_start(fetch, boundary, k), end
             # chunks k+1 .. nxt-1 have no boundary: claim them with nothing to yield
             for skipped in range(k + 1, nxt):
@@ -188,9 +188,11 @@ class ChunkRule:
         if found:
             return min(found)
         first_aligned = lo + (-(lo - bom)) % unit
-        positions = range(hi, lo - 1, -unit) if best else range(first_aligned, hi + 1, unit)
+        last_aligned = hi - (hi - bom) % unit
+        positions = (range(last_aligned, lo - 1, -unit) if best
+                     else range(first_aligned, hi + 1, unit))
         for p in positions:
-            if (p - bom) % unit == 0 and self._is_char_boundary(view, (p - a) // unit, p):
+            if self._is_char_boundary(view, (p - a) // unit, p):
                 return p
         return None
 

@@ -97,10 +97,18 @@ def _utf16_without_bom(head: bytes, size: int) -> str | None:
     return None
 
 
+# When charset-normalizer scores several codecs alike, the most widely used one wins.
+_PREFERRED = ('cp1252', 'latin_1', 'iso8859_15', 'cp1251', 'koi8_r', 'cp1250', 'iso8859_2',
+              'shift_jis', 'cp932', 'euc_jp', 'gb18030', 'gbk', 'big5', 'euc_kr', 'cp949')
+
+
 def _legacy_encoding(head: bytes) -> TextEncoding:
     from charset_normalizer import from_bytes
 
-    best = from_bytes(head).best()
+    results = from_bytes(head)
+    best = results.best()
     if best is None:
         raise UndecodableError('not text: no known encoding decodes its first bytes')
-    return _encoding(best.encoding, 0)
+    tied = {m.encoding for m in results if (m.chaos, m.coherence) == (best.chaos, best.coherence)}
+    codec = next((c for c in _PREFERRED if c in tied), best.encoding)
+    return _encoding(codec, 0)

@@ -27,11 +27,12 @@ class Embedder(ABC):
 
 
 class HashEmbedder(Embedder):
-    """Feature hashing of word unigrams and bigrams: deterministic, dependency-free, fast.
+    """Feature hashing of the word unigrams and bigrams present in a text (signed, presence
+    not counts): deterministic, dependency-free, fast.
 
     A lexical baseline (no semantics), good for known-item lookups and for tests.
     """
-    name = 'hash-ngram-v1'
+    name = 'hash-ngram-v2'
 
     _WORD = re.compile(r'\w+')
     _CACHE_LIMIT = 1 << 18
@@ -53,9 +54,10 @@ class HashEmbedder(Embedder):
         h = _mix(np.concatenate((uni, bi)))
         cells = (np.concatenate((rows, rows[:-1][same_text])) * self.dim
                  + (h % np.uint64(self.dim)).astype(np.int64))
-        signs = np.where(h >> np.uint64(63), -1.0, 1.0)
-        out = np.bincount(cells, weights=signs, minlength=len(texts) * self.dim
-                          ).reshape(len(texts), self.dim).astype(np.float32)
+        # presence, not counts: a word repeated in a chunk does not drown the others
+        negative = (h >> np.uint64(63)).astype(np.int64)
+        present = np.bincount(cells * 2 + negative, minlength=len(texts) * self.dim * 2) > 0
+        out = (present[0::2].astype(np.float32) - present[1::2]).reshape(len(texts), self.dim)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         empty = norms[:, 0] == 0
         out[empty, 0], norms[empty] = 1.0, 1.0  # no features at all: a fixed unit vector

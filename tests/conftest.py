@@ -1,0 +1,46 @@
+"""Shared fixtures: the shared corpus, running the `ragbeam` command, checking outputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+CORPUS = SHARED / 'corpus'
+CHECK = SHARED / 'checks' / 'check_output.py'
+
+
+def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m pipeline ARGS` as a user would; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, '-m', 'pipeline', *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f'ragbeam {" ".join(map(str, args))} exited {proc.returncode}:\n'
+                    f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def check_output(out: Path, *args: str) -> str:
+    """Runs the shared contract checker; fails the test unless every check holds."""
+    proc = subprocess.run([sys.executable, str(CHECK), str(out), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope='session')
+def text_run(tmp_path_factory) -> Path:
+    """One default run over the shared text corpus, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp('text-run') / 'out'
+    ragbeam('run', '--input', CORPUS / 'text', '--output', out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('PYTHONHASHSEED', '0')

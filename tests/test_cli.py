@@ -1,0 +1,48 @@
+"""User mistakes end in one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import CORPUS, ragbeam
+
+
+@pytest.mark.parametrize('args,message', [
+    (['run', '--input', '/no/such/path', '--output', '{tmp}/o'], 'matches no files'),
+    (['run', '--input', str(CORPUS / 'text'), '--output', '/proc/forbidden/o'], 'cannot write'),
+    (['run', '--input', str(CORPUS / 'text'), '--output', '{tmp}/o', '--chunk-size', '10'],
+     '--chunk-size'),
+    (['run', '--input', str(CORPUS / 'text'), '--output', '{tmp}/o', '--no-such-flag', '1'],
+     'unknown option --no-such-flag'),
+    (['run', '--input', str(CORPUS / 'text'), '--output', '{tmp}/o', '--window-bytes', 'lots'],
+     'not a byte size'),
+    (['run', '--output', '{tmp}/o'], '--input'),
+    (['query', '--output', '{tmp}/nothing', 'hello'], 'no index'),
+])
+def test_usage_errors_are_one_line(tmp_path, args, message):
+    proc = ragbeam(*[a.format(tmp=tmp_path) for a in args], check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('ragbeam: error:') and message in lines[0]
+    assert 'Traceback' not in proc.stderr
+
+
+def test_query_finds_known_chunks(text_run):
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(text_run / 'chunks').to_table(columns=['chunk_id', 'text']).to_pylist()
+    probes = [r for r in rows if len(r['text'].split()) > 60][::97][:10]
+    found = 0
+    for row in probes:
+        words = row['text'].split()
+        span = ' '.join(words[len(words) // 2:len(words) // 2 + 12])
+        hits = json.loads(ragbeam('query', '--output', text_run, '-k', '10', '--json', span).stdout)
+        assert hits and {'score', 'chunk_id', 'uri', 'page', 'start', 'end', 'text'} <= set(hits[0])
+        found += row['chunk_id'] in {h['chunk_id'] for h in hits}
+    assert found >= 0.9 * len(probes)
+
+
+def test_query_prints_readable_results(text_run):
+    out = ragbeam('query', '--output', text_run, '-k', '3', 'uniform resource identifier').stdout
+    assert out.startswith(' 1. ') and 'rfc3986.txt' in out

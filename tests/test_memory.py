@@ -1,0 +1,23 @@
+"""Memory does not grow with object size: a 200 MB text object in well under 400 MB."""
+from __future__ import annotations
+
+import sys
+
+import pyarrow.dataset as ds
+
+from bench.generate import write_text
+from bench.measure import run_measured
+from tests.conftest import ROOT
+
+
+def test_large_text_object_stays_under_400mb(tmp_path):
+    size = 200 * 2**20
+    src = tmp_path / 'big.txt'
+    write_text(str(src), size)
+    out = tmp_path / 'out'
+    m = run_measured([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
+                      '--output', str(out), '--index-type', 'none'], cwd=ROOT)
+    assert m.returncode == 0, m.output[-3000:]
+    assert m.peak_rss_mb < 400, f'peak RSS {m.peak_rss_mb:.0f} MB'
+    chunks = ds.dataset(out / 'chunks').to_table(columns=['start', 'end'])
+    assert chunks.num_rows > size // 1000 * 0.95

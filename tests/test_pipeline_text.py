@@ -1,0 +1,65 @@
+"""End to end on the shared text corpus: contracts, accounting, determinism across settings."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.dataset as ds
+
+from tests.conftest import CORPUS, check_output, ragbeam
+
+
+def test_corpus_run_meets_the_contracts(text_run):
+    summary = check_output(text_run, '--input', CORPUS / 'text')
+    assert 'objects {\'ok\': 22}' in summary
+    report = json.loads((text_run / 'report.json').read_text())
+    assert report['objects_listed'] == 22 == report['objects_ok']
+    assert report['bytes_read'] == report['bytes_listed']  # every byte read once, no more
+    manifest = ds.dataset(text_run / 'manifest').to_table().to_pylist()
+    by_name = {row['uri'].rsplit('/', 1)[1]: row for row in manifest}
+    assert by_name['empty.txt']['status'] == 'ok' and by_name['empty.txt']['chunks'] == 0
+    assert by_name['ru-koi8-r.txt']['encoding'] == 'koi8-r'
+    assert by_name['utf16le-nobom.txt']['encoding'] == 'utf-16-le'
+    chunks = ds.dataset(text_run / 'chunks').to_table(columns=['uri', 'text'])
+    assert sum(row['chunks'] for row in manifest) == chunks.num_rows
+
+
+def test_split_and_worker_settings_do_not_change_chunks(text_run, tmp_path):
+    out = tmp_path / 'split'
+    ragbeam('run', '--input', CORPUS / 'text', '--output', out, '--split-bytes', '65536',
+            '--window-bytes', '16384', '--direct_num_workers', '2',
+            '--direct_running_mode', 'multi_processing')
+    check_output(out, '--input', CORPUS / 'text')
+    check_output(out, '--same-as', text_run)
+
+
+def test_bad_objects_are_accounted_for_and_the_run_goes_on(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    (src / 'good.txt').write_text('A perfectly good line of text.\n' * 50)
+    (src / 'binary.bin').write_bytes(bytes(range(256)) * 12)
+    (src / 'report.PDF').write_bytes(b'%PDF-1.4\n% not parsed yet\n')
+    (src / 'big.txt').write_text('x' * 5000)
+    out = tmp_path / 'out'
+    ragbeam('run', '--input', src, '--output', out, '--max-object-bytes', '4000')
+    check_output(out, '--input', src)
+    rows = {r['uri'].rsplit('/', 1)[1]: r for r in ds.dataset(out / 'manifest').to_table().to_pylist()}
+    assert rows['good.txt']['status'] == 'ok' and rows['good.txt']['chunks'] >= 1
+    assert rows['binary.bin']['status'] == 'failed'
+    assert rows['binary.bin']['reason'].startswith('undecodable')
+    assert rows['big.txt']['status'] == 'skipped' and 'max-object-bytes' in rows['big.txt']['reason']
+    assert rows['report.PDF']['status'] == 'skipped'
+    errors = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
+              for line in f.read_text().splitlines()]
+    assert [(e['stage'], e['error_type']) for e in errors if e['uri'].endswith('binary.bin')] == [
+        ('decode', 'UndecodableError')]
+    report = json.loads((out / 'report.json').read_text())
+    assert (report['objects_ok'], report['objects_failed'], report['objects_skipped']) == (1, 1, 2)
+    assert report['bytes_skipped'] == 5000 + (src / 'report.PDF').stat().st_size
+
+
+def test_overlapping_patterns_list_each_object_once(tmp_path):
+    out = tmp_path / 'out'
+    ragbeam('run', '--input', CORPUS / 'text', '--input', CORPUS / 'text' / '*.txt',
+            '--output', out, '--index-type', 'none')
+    manifest = ds.dataset(out / 'manifest').to_table(columns=['uri'])
+    assert manifest.num_rows == 22
