@@ -31,6 +31,7 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 
 from bench.generate import write_text
 from bench.measure import run_measured
+from pipeline.options import parse_size
 from transforms.batch import BatchBounded
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, detect_encoding
@@ -42,9 +43,6 @@ from transforms.write import WriteChunkTables, chunk_schema
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
-_UNITS = {'kib': 1 << 10, 'mib': 1 << 20, 'gib': 1 << 30, 'kb': 1 << 10, 'mb': 1 << 20,
-          'gb': 1 << 30, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, '': 1}
-
 # ragbeam's defaults, which the naive pipeline copies
 EMBEDDER = 'hash'
 DIM = 384
@@ -114,16 +112,6 @@ def run_naive(pattern: str, output: str) -> None:
 
 
 # ---------------------------------------------------------------- measuring
-
-def parse_size(text: str) -> int:
-    """A byte count such as 10MiB, 250MiB or 1GiB."""
-    t = text.strip().lower()
-    number = t.rstrip('kmgib')
-    try:
-        return int(number) * _UNITS[t[len(number):]]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f'not a byte size: {text!r} (try 10MiB, 1GiB)')
-
 
 def input_file(workdir: str, label: str, size: int) -> str:
     """A generated text object of exactly `size` bytes, reused when already there."""

@@ -7,20 +7,15 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from pipeline.options import INDEX_TYPES, RunOptions, UsageError
+from pipeline.options import INDEX_TYPES, RunOptions, UsageError, parse_size
 from transforms.listing import NoMatchError
 from transforms.outputs import OutputError
 
 def _size(text: str) -> int:
-    """A byte count: 1000, 64KiB, 8MiB, 2GiB (also KB/MB/GB as powers of 1024)."""
-    units = {'': 1, 'k': 1 << 10, 'kb': 1 << 10, 'kib': 1 << 10, 'm': 1 << 20, 'mb': 1 << 20,
-             'mib': 1 << 20, 'g': 1 << 30, 'gb': 1 << 30, 'gib': 1 << 30}
-    t = text.strip().lower()
-    number = t.rstrip('kmgib')
     try:
-        return int(number) * units[t[len(number):]]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f'not a byte size: {text!r} (try 1000, 64KiB, 8MiB)')
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 class _Parser(argparse.ArgumentParser):

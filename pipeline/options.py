@@ -16,6 +16,20 @@ class UsageError(ValueError):
     """A mistake in the command line or the environment, reported in one line."""
 
 
+_UNITS = {'': 1, 'k': 1 << 10, 'kb': 1 << 10, 'kib': 1 << 10, 'm': 1 << 20, 'mb': 1 << 20,
+          'mib': 1 << 20, 'g': 1 << 30, 'gb': 1 << 30, 'gib': 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: 1000, 64KiB, 8MiB, 2GiB (KB/MB/GB are powers of 1024 too)."""
+    t = text.strip().lower()
+    number = t.rstrip('kmgib')
+    try:
+        return int(number) * _UNITS[t[len(number):]]
+    except (KeyError, ValueError):
+        raise ValueError(f'not a byte size: {text!r} (try 1000, 64KiB, 8MiB)')
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """What to ingest, where to write it, and how to cut and embed it."""

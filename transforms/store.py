@@ -1,25 +1,99 @@
-"""Object stores behind one small interface: list, read a byte range, check the version.
+"""Object stores behind one small interface: list objects, read a byte range of a version.
 
-Local files are read with seek + read and pinned to size + mtime; other Beam FileSystems
-schemes go through a generic, unpinned fallback.
+- local files: seek + read, pinned to size + mtime;
+- S3 (boto3): lazy ListObjectsV2 pages, bounded `Range: bytes=a-b` GETs pinned with IfMatch;
+- GCS (google-cloud-storage): lazy listing, ranged reads pinned with if_generation_match;
+- any other Beam FileSystems scheme: a generic fallback, not pinned to a version.
+
+Reads to S3 and GCS are retried with exponential backoff and jitter, a bounded number of
+times, and each range must come back with exactly the bytes asked for. Writes go through
+Beam's FileSystems (see transforms.outputs).
 """
 from __future__ import annotations
 
+import fnmatch
+import logging
 import os
-from typing import Iterator
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, TypeVar
 
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from transforms.types import ObjectRef
 
+_log = logging.getLogger(__name__)
+_retries = Metrics.counter('ragbeam', 'store_retries')
+T = TypeVar('T')
 
-class ObjectChangedError(IOError):
+
+class StoreError(IOError):
+    """A store operation failed for good (after retries, or not retryable)."""
+
+
+class ObjectChangedError(StoreError):
     """The object is no longer the version that was listed."""
 
 
+class ObjectNotFoundError(StoreError):
+    """The object was deleted after it was listed."""
+
+
+class TransientError(StoreError):
+    """A failure worth another attempt: throttling, 5xx, a dropped connection, a short body."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach object stores and how hard to retry."""
+    s3_endpoint_url: Optional[str] = None
+    s3_region: Optional[str] = None
+    s3_path_style: bool = False
+    max_attempts: int = 6
+    backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 10.0
+
+
+def retrying(config: StoreConfig, what: str, call: Callable[[], T]) -> T:
+    """Runs `call`, retrying TransientError with capped exponential backoff and full jitter."""
+    for attempt in range(1, config.max_attempts + 1):
+        try:
+            return call()
+        except TransientError as e:
+            if attempt == config.max_attempts:
+                raise StoreError(f'{what}: gave up after {attempt} attempts: {e}') from e
+            delay = min(config.max_backoff_seconds, config.backoff_seconds * 2 ** (attempt - 1))
+            _retries.inc()
+            _log.warning('%s: attempt %d failed (%s); retrying', what, attempt, e)
+            time.sleep(random.uniform(0, delay))
+    raise AssertionError('unreachable')
+
+
+def glob_to_prefix(pattern: str) -> tuple[str, Callable[[str], bool]]:
+    """Splits a key pattern into its literal prefix and a matcher of whole keys.
+
+    `*` and `?` stay within one path segment, `**` crosses segments; a pattern without
+    wildcards matches that key and everything below it as a prefix.
+    """
+    wild = re.search(r'[*?\[]', pattern)
+    if not wild:
+        below = pattern.rstrip('/') + '/'
+        return pattern, lambda key: key == pattern or key.startswith(below) or pattern in ('', '/')
+    regex = ''
+    for token in re.split(r'(\*\*|\*|\?)', pattern):
+        regex += {'**': '.*', '*': '[^/]*', '?': '[^/]'}.get(token) or fnmatch.translate(
+            token)[4:-3]  # fnmatch escapes the literal part: '(?s:' ... ')\\Z'
+    compiled = re.compile(regex, re.S)
+    return pattern[:wild.start()], lambda key: compiled.fullmatch(key) is not None
+
+
 class Store:
-    """Lists objects and reads byte ranges of one listed version."""
+    """Lists objects and reads byte ranges of one listed version (generic, unpinned)."""
 
     def list(self, pattern: str) -> Iterator[ObjectRef]:
         """Every object matching `pattern`; a directory or prefix means everything below it."""
@@ -47,17 +121,185 @@ class LocalStore(Store):
         return ObjectRef(path, meta.size_in_bytes, _local_version(os.stat(path)))
 
     def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        with open(ref.uri, 'rb') as f:
-            if _local_version(os.fstat(f.fileno())) != ref.version:
-                raise ObjectChangedError(f'{ref.uri} changed after listing')
-            f.seek(start)
-            return f.read(end - start)
+        try:
+            with open(ref.uri, 'rb') as f:
+                if _local_version(os.fstat(f.fileno())) != ref.version:
+                    raise ObjectChangedError(f'{ref.uri} changed during read')
+                f.seek(start)
+                return f.read(end - start)
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(f'{ref.uri} not found') from e
 
 
 def _local_version(st: os.stat_result) -> str:
     return f'{st.st_size}-{st.st_mtime_ns}'
 
 
-def store_for(uri: str) -> Store:
-    """The store that serves `uri`'s scheme."""
-    return LocalStore() if FileSystems.get_scheme(uri) is None else Store()
+def split_uri(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = uri.split('://', 1)[1].partition('/')
+    return bucket, key
+
+
+def _expected_length(ref: ObjectRef, start: int, end: int) -> int:
+    return max(0, min(end, ref.size) - start)
+
+
+class S3Store(Store):
+    """S3 and S3-compatible stores through one boto3 client (retries are ours, not botocore's)."""
+
+    _RETRY_CODES = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
+                    'RequestTimeTooSkewed', 'InternalError', 'ServiceUnavailable', '500', '502',
+                    '503', '504'}
+
+    def __init__(self, config: StoreConfig):
+        import boto3
+        from botocore.config import Config
+
+        self._config = config
+        self._client = boto3.session.Session().client(
+            's3', endpoint_url=config.s3_endpoint_url, region_name=config.s3_region,
+            config=Config(retries={'max_attempts': 1, 'mode': 'standard'},
+                          s3={'addressing_style': 'path' if config.s3_path_style else 'auto'},
+                          max_pool_connections=32, connect_timeout=10, read_timeout=60))
+
+    def list(self, pattern: str) -> Iterator[ObjectRef]:
+        bucket, key_pattern = split_uri(pattern)
+        prefix, matches = glob_to_prefix(key_pattern)
+        token = None
+        while True:
+            kwargs = {'Bucket': bucket, 'Prefix': prefix, 'MaxKeys': 1000}
+            if token:
+                kwargs['ContinuationToken'] = token
+            page = retrying(self._config, f'list {pattern}',
+                            lambda: self._call(pattern, self._client.list_objects_v2, **kwargs))
+            for obj in page.get('Contents', ()):
+                key = obj['Key']
+                if matches(key) and not key.endswith('/'):
+                    yield ObjectRef(f's3://{bucket}/{key}', obj['Size'], obj['ETag'].strip('"'))
+            token = page.get('NextContinuationToken')
+            if not page.get('IsTruncated') or not token:
+                return
+
+    def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        want = _expected_length(ref, start, end)
+        if want == 0:
+            return b''
+        bucket, key = split_uri(ref.uri)
+
+        def get() -> bytes:
+            resp = self._call(ref.uri, self._client.get_object, Bucket=bucket, Key=key,
+                              Range=f'bytes={start}-{start + want - 1}', IfMatch=f'"{ref.version}"')
+            try:
+                data = resp['Body'].read()
+            except Exception as e:  # a connection cut mid-body surfaces as many classes
+                raise TransientError(f'body of {ref.uri} [{start}, {start + want}) cut: {e}') from e
+            if len(data) != want:
+                raise TransientError(f'{ref.uri} [{start}, {start + want}) returned {len(data)} bytes')
+            return data
+
+        return retrying(self._config, f'read {ref.uri} [{start}, {start + want})', get)
+
+    def _call(self, uri: str, method, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            return method(**kwargs)
+        except ClientError as e:
+            code = str(e.response.get('Error', {}).get('Code'))
+            status = e.response.get('ResponseMetadata', {}).get('HTTPStatusCode')
+            if code == 'PreconditionFailed' or status == 412:
+                raise ObjectChangedError(f'{uri} changed during read') from e
+            if code in ('NoSuchKey', 'NotFound', '404'):
+                raise ObjectNotFoundError(f'{uri} not found') from e
+            if code in self._RETRY_CODES or (status or 0) >= 500 or status == 429:
+                raise TransientError(f'{code}: {e}') from e
+            raise StoreError(f'{uri}: {code}: {e}') from e
+        except NoCredentialsError as e:
+            raise StoreError(f'{uri}: no AWS credentials found') from e
+        except BotoCoreError as e:  # connection errors, timeouts, cut responses
+            raise TransientError(f'{type(e).__name__}: {e}') from e
+
+
+class GCSStore(Store):
+    """Google Cloud Storage through one google-cloud-storage client, pinned to generations."""
+
+    def __init__(self, config: StoreConfig):
+        from google.cloud import storage
+
+        self._config = config
+        if os.environ.get('STORAGE_EMULATOR_HOST'):
+            from google.auth.credentials import AnonymousCredentials
+            self._client = storage.Client(project='emulator', credentials=AnonymousCredentials())
+        else:
+            self._client = storage.Client()
+
+    def list(self, pattern: str) -> Iterator[ObjectRef]:
+        bucket, key_pattern = split_uri(pattern)
+        prefix, matches = glob_to_prefix(key_pattern)
+        pages = self._client.list_blobs(bucket, prefix=prefix, page_size=1000).pages
+        while True:
+            page = retrying(self._config, f'list {pattern}',
+                            lambda: self._call(pattern, lambda: list(next(pages, None) or [None])))
+            if page == [None]:
+                return
+            for blob in page:
+                if blob is not None and matches(blob.name) and not blob.name.endswith('/'):
+                    yield ObjectRef(f'gs://{bucket}/{blob.name}', blob.size, str(blob.generation))
+
+    def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        want = _expected_length(ref, start, end)
+        if want == 0:
+            return b''
+        bucket, key = split_uri(ref.uri)
+        blob = self._client.bucket(bucket).blob(key)
+
+        def get() -> bytes:
+            data = self._call(ref.uri, lambda: blob.download_as_bytes(
+                start=start, end=start + want - 1, if_generation_match=int(ref.version),
+                checksum=None, retry=None))
+            if len(data) != want:
+                raise TransientError(f'{ref.uri} [{start}, {start + want}) returned {len(data)} bytes')
+            return data
+
+        return retrying(self._config, f'read {ref.uri} [{start}, {start + want})', get)
+
+    @staticmethod
+    def _call(uri: str, call: Callable[[], T]) -> T:
+        from google.api_core import exceptions as gexc
+        import requests
+
+        try:
+            return call()
+        except gexc.PreconditionFailed as e:
+            raise ObjectChangedError(f'{uri} changed during read') from e
+        except gexc.NotFound as e:
+            raise ObjectNotFoundError(f'{uri} not found') from e
+        except (gexc.TooManyRequests, gexc.ServerError, requests.exceptions.ConnectionError,
+                requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout) as e:
+            raise TransientError(f'{type(e).__name__}: {e}') from e
+        except gexc.GoogleAPICallError as e:
+            raise StoreError(f'{uri}: {e}') from e
+
+
+_STORES: dict[tuple, Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def store_for(uri: str, config: StoreConfig = StoreConfig()) -> Store:
+    """The store that serves `uri`'s scheme: one per scheme and config in each process."""
+    scheme = FileSystems.get_scheme(uri)
+    with _STORES_LOCK:
+        if (scheme, config) not in _STORES:
+            _STORES[(scheme, config)] = _make_store(scheme, config)
+        return _STORES[(scheme, config)]
+
+
+def _make_store(scheme: Optional[str], config: StoreConfig) -> Store:
+    if scheme is None:
+        return LocalStore()
+    if scheme == 's3':
+        return S3Store(config)
+    if scheme == 'gs':
+        return GCSStore(config)
+    return Store()
