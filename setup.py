@@ -21,7 +21,7 @@ setup(
         'numpy',
     ],
     extras_require={
-        'test': ['pytest', 'hypothesis', 'moto[server]'],
+        'test': ['pytest', 'hypothesis', 'moto[server]', 'gcp-storage-emulator'],
         'bench': ['matplotlib'],
     },
     entry_points={'console_scripts': ['ragbeam=pipeline.cli:main']},

@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from pipeline import report as reporting
-from pipeline.options import RunOptions, UsageError, beam_options
+from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
 from transforms import index, outputs
 from transforms.batch import BatchBounded
 from transforms.embed import EMBEDDERS, EmbedChunks
@@ -29,13 +29,13 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
     """
     out = opts.output
     schema = chunk_schema(EMBEDDERS[opts.embedder]().dim)
-    refs = p | 'ListObjects' >> ListObjects(opts.inputs)
+    refs = p | 'ListObjects' >> ListObjects(opts.inputs, opts.store)
     skipped = refs | 'SkipBySize' >> beam.FlatMapTuple(
         lambda uri, ref: [(uri, r)] if (r := skip_reason(ref, opts.max_object_bytes)) else [])
     to_read = refs | 'ToRead' >> beam.FlatMapTuple(
         lambda uri, ref: [] if skip_reason(ref, opts.max_object_bytes) else [ref])
     read = to_read | 'ReadText' >> beam.ParDo(
-        ReadTextChunks(opts.chunker, opts.window_bytes, opts.split_bytes)
+        ReadTextChunks(opts.chunker, opts.window_bytes, opts.split_bytes, opts.store)
     ).with_outputs(ERRORS, STATS, main='chunks')
     _ = (read.chunks
          | 'EmbedBatches' >> beam.ParDo(BatchBounded(
@@ -53,7 +53,7 @@ def make_pipeline(opts: RunOptions) -> beam.Pipeline:
 
     Beam's DirectRunner would first try to download the Prism binary, which fails offline.
     """
-    options = beam_options(opts.beam_args)
+    options = beam_options(store_beam_args(opts.store, opts.beam_args))
     runner = None
     if options.view_as(StandardOptions).runner is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -67,10 +67,11 @@ def make_pipeline(opts: RunOptions) -> beam.Pipeline:
 def run(opts: RunOptions) -> dict | None:
     """Runs the whole job; returns the report, or None when the runner only translated it."""
     opts.validate()
-    check_patterns(opts.inputs)
-    outputs.prepare(opts.output)
     started = time.time()
     p = make_pipeline(opts)
+    outputs.configure(p.options)
+    check_patterns(opts.inputs, opts.store)
+    outputs.prepare(opts.output)
     build(p, opts)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
@@ -85,11 +86,26 @@ def run(opts: RunOptions) -> dict | None:
     outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(EMBEDDERS[opts.embedder]().dim))
     index_meta = None
     if opts.index_type != 'none':
-        index_meta = index.build_index(opts.output, opts.index_type)
-    report = reporting.summarise(opts, index_meta, wall_seconds=time.time() - started,
-                                 peak_rss_mb=peak_rss_mb())
+        index_meta = index.build_index(opts.output, opts.index_type, opts.store)
+    report = reporting.summarise(opts, index_meta, counters(result),
+                                 wall_seconds=time.time() - started, peak_rss_mb=peak_rss_mb())
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
     return report
+
+
+def counters(result) -> dict[str, int]:
+    """ragbeam's Beam counters (bytes read, chunks, store retries, ...) as the runner reports them."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace('ragbeam'))['counters']
+    except (NotImplementedError, AttributeError, KeyError):  # runners without metrics
+        return {}
+    totals: dict[str, int] = {}
+    for counter in found:
+        name = counter.key.metric.name
+        totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    return dict(sorted(totals.items()))
 
 
 def peak_rss_mb() -> float:

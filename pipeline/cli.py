@@ -7,7 +7,12 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from pipeline.options import INDEX_TYPES, RunOptions, UsageError, parse_size
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.options import (INDEX_TYPES, RunOptions, UsageError, parse_size, store_beam_args,
+                              store_config)
+from transforms import outputs
+from transforms.store import StoreConfig
 from transforms.listing import NoMatchError
 from transforms.outputs import OutputError
 
@@ -45,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--max-object-bytes', type=_size, default=None,
                      help='skip larger objects (with a reason in the manifest)')
     run.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
-    run.add_argument('--s3-endpoint-url', default=None)
+    run.add_argument('--store-max-attempts', type=int, default=6,
+                     help='attempts per object-store request before the object fails')
+    _add_store_flags(run)
     run.add_argument('--embed-batch-size', type=int, default=256, help='chunks per batch')
     run.add_argument('--embed-batch-bytes', type=_size, default=4 << 20,
                      help='text bytes per batch')
@@ -53,13 +60,30 @@ def _parser() -> argparse.ArgumentParser:
     index = sub.add_parser('index', help='(re)build the vector index of DIR')
     index.add_argument('--output', required=True, metavar='DIR')
     index.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
+    _add_store_flags(index)
 
     query = sub.add_parser('query', help='print the chunks nearest to TEXT')
     query.add_argument('--output', required=True, metavar='DIR')
     query.add_argument('-k', type=int, default=10)
     query.add_argument('--json', action='store_true', help='a JSON array instead of text')
     query.add_argument('text', nargs='+', metavar='TEXT')
+    _add_store_flags(query)
     return p
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--s3-endpoint-url', default=None,
+                        help='S3-compatible endpoint (MinIO, moto, ...)')
+    parser.add_argument('--s3-region', default=None, help='S3 region (default: AWS config)')
+    parser.add_argument('--s3-path-style', action='store_true',
+                        help='path-style S3 addressing, as MinIO usually needs')
+
+
+def _store(args) -> StoreConfig:
+    """The store settings of `index` and `query`, also applied to Beam's FileSystems."""
+    config = store_config(args.s3_endpoint_url, args.s3_region, args.s3_path_style)
+    outputs.configure(PipelineOptions(store_beam_args(config, [])))
+    return config
 
 
 def _run(args, beam_args: list[str]) -> int:
@@ -71,6 +95,8 @@ def _run(args, beam_args: list[str]) -> int:
         window_bytes=args.window_bytes, split_bytes=args.split_bytes,
         pdf_pages_per_split=args.pdf_pages_per_split, max_object_bytes=args.max_object_bytes,
         index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
+        s3_region=args.s3_region, s3_path_style=args.s3_path_style,
+        store_max_attempts=args.store_max_attempts,
         embed_batch_size=args.embed_batch_size, embed_batch_bytes=args.embed_batch_bytes,
         beam_args=beam_args)
     result = build.run(opts)
@@ -84,23 +110,26 @@ def _index(args) -> int:
 
     if args.index_type == 'none':
         raise UsageError('--index-type none builds nothing')
-    meta = build_index(args.output, args.index_type)
+    meta = build_index(args.output, args.index_type, _store(args))
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 
 
 def _query(args) -> int:
-    from transforms import index, outputs
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms import index
     from transforms.embed import embedder_for_model
 
+    config = _store(args)
     meta_path = outputs.path(args.output, 'index', 'index.json')
-    if not outputs.FileSystems.exists(meta_path):
+    if not FileSystems.exists(meta_path):
         raise UsageError(f'no index in {args.output} (run `ragbeam run` or `ragbeam index` first)')
     meta = outputs.read_json(meta_path)
     text = ' '.join(args.text)
     vector = embedder_for_model(meta['model']).embed([text])[0]
     hits = index.search(args.output, vector, args.k)
-    rows = index.lookup(args.output, [i for _, i in hits])
+    rows = index.lookup(args.output, [i for _, i in hits], config)
     results = [dict(score=round(score, 6), **{k: rows[i][k] for k in
                                               ('chunk_id', 'uri', 'page', 'start', 'end', 'text')})
                for score, i in hits if i in rows]

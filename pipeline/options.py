@@ -7,6 +7,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from transforms.chunk import ChunkerSettings
+from transforms.store import StoreConfig
 
 INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
 BUILT_INDEX_TYPES = ('flat', 'auto', 'none')  # the others arrive with the index issue
@@ -44,9 +45,17 @@ class RunOptions:
     max_object_bytes: Optional[int] = None
     index_type: str = 'auto'
     s3_endpoint_url: Optional[str] = None
+    s3_region: Optional[str] = None
+    s3_path_style: bool = False
+    store_max_attempts: int = 6
     embed_batch_size: int = 256
     embed_batch_bytes: int = 4 << 20
     beam_args: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> StoreConfig:
+        return store_config(self.s3_endpoint_url, self.s3_region, self.s3_path_style,
+                            self.store_max_attempts)
 
     @property
     def chunker(self) -> ChunkerSettings:
@@ -71,6 +80,8 @@ class RunOptions:
         if self.index_type not in BUILT_INDEX_TYPES:
             raise UsageError(f'--index-type {self.index_type} is not available yet; '
                              f'use one of {", ".join(BUILT_INDEX_TYPES)}')
+        if self.store_max_attempts < 1:
+            raise UsageError('--store-max-attempts must be at least 1')
         if self.embed_batch_size < 1 or self.embed_batch_bytes < 1:
             raise UsageError('embedding batches must hold at least one chunk')
 
@@ -88,6 +99,22 @@ def _bare_dry_run(args: list[str]) -> list[str]:
     """Beam's --dry_run takes a value; a bare --dry_run means --dry_run=True."""
     return ['--dry_run=True' if a == '--dry_run' and (i + 1 == len(args) or args[i + 1].startswith('-'))
             else a for i, a in enumerate(args)]
+
+
+def store_config(endpoint: Optional[str], region: Optional[str], path_style: bool,
+                 max_attempts: int = 6) -> StoreConfig:
+    return StoreConfig(s3_endpoint_url=endpoint, s3_region=region, s3_path_style=path_style,
+                       max_attempts=max_attempts)
+
+
+def store_beam_args(config: StoreConfig, args: list[str]) -> list[str]:
+    """Beam's own S3 flags (its FileSystems write the outputs) from ragbeam's, unless given."""
+    extra = []
+    for flag, value in (('--s3_endpoint_url', config.s3_endpoint_url),
+                        ('--s3_region_name', config.s3_region)):
+        if value and not any(a == flag or a.startswith(flag + '=') for a in args):
+            extra.append(f'{flag}={value}')
+    return args + extra
 
 
 def beam_options(args: list[str]) -> PipelineOptions:

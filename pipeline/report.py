@@ -10,11 +10,11 @@ from pipeline.options import RunOptions
 from transforms import outputs
 
 
-def summarise(opts: RunOptions, index_meta: Optional[dict], wall_seconds: float,
-              peak_rss_mb: float) -> dict:
+def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
+              wall_seconds: float, peak_rss_mb: float) -> dict:
     """The run summary of DESIGN.md section 2, read back from the written manifest."""
-    manifest = outputs.dataset(outputs.path(opts.output, 'manifest'))
-    table = manifest.to_table(columns=['status', 'size', 'bytes_read', 'chunks', 'reason'])
+    manifest = outputs.ParquetFolder(outputs.path(opts.output, 'manifest'), opts.store)
+    table = manifest.table(['status', 'size', 'bytes_read', 'chunks', 'reason'])
     status = Counter(table.column('status').to_pylist())
     skipped_bytes = pc.sum(pc.filter(table.column('size'),
                                      pc.equal(table.column('status'), 'skipped'))).as_py() or 0
@@ -33,6 +33,7 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], wall_seconds: float,
             if s != 'ok' and r)),
         'embedder': opts.embedder,
         'index': index_meta,
+        'counters': counters,
         'wall_seconds': round(wall_seconds, 2),
         'peak_rss_mb': peak_rss_mb,
         'options': opts.summary(),

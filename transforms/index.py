@@ -8,9 +8,12 @@ import tempfile
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 
 from transforms import outputs
+from transforms.store import StoreConfig
 
 INDEX_FILE = 'faiss.index'
 BATCH_ROWS = 16384
@@ -18,16 +21,16 @@ BATCH_ROWS = 16384
 _log = logging.getLogger(__name__)
 
 
-def build_index(output: str, index_type: str) -> dict:
+def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig()) -> dict:
     """Builds DIR/index from DIR/chunks, adding each id64 once; returns index.json's content.
 
     'auto' is a flat (exact) index for now; approximate types come with the index issue.
     """
-    chunks = outputs.dataset(outputs.path(output, 'chunks'))
+    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config)
     dim, model = _dim_and_model(chunks)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     seen: set[int] = set()
-    for batch in chunks.to_batches(columns=['id64', 'embedding'], batch_size=BATCH_ROWS):
+    for batch in chunks.batches(['id64', 'embedding'], BATCH_ROWS):
         ids = batch.column('id64').to_numpy()
         keep = np.fromiter((i not in seen for i in ids.tolist()), dtype=bool, count=len(ids))
         if not keep.any():
@@ -43,10 +46,10 @@ def build_index(output: str, index_type: str) -> dict:
     return meta
 
 
-def _dim_and_model(chunks) -> tuple[int, str]:
-    dim = chunks.schema.field('embedding').type.list_size
+def _dim_and_model(chunks: outputs.ParquetFolder) -> tuple[int, str]:
+    dim = chunks.schema().field('embedding').type.list_size
     models = set()
-    for batch in chunks.to_batches(columns=['model'], batch_size=BATCH_ROWS):
+    for batch in chunks.batches(['model'], BATCH_ROWS):
         models.update(pc.unique(batch.column('model')).to_pylist())
     if len(models) > 1:
         raise ValueError(f'chunks of several models cannot share one index: {sorted(models)}')
@@ -60,7 +63,7 @@ def _write_index(index, file_path: str) -> None:
         return
     with tempfile.NamedTemporaryFile(suffix='.index') as tmp:
         faiss.write_index(index, tmp.name)
-        with open(tmp.name, 'rb') as src, outputs.FileSystems.create(file_path) as dst:
+        with open(tmp.name, 'rb') as src, FileSystems.create(file_path) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 
 
@@ -72,7 +75,7 @@ def search(output: str, vector: np.ndarray, k: int) -> list[tuple[float, int]]:
         index = faiss.read_index(file_path)
     else:
         with tempfile.NamedTemporaryFile(suffix='.index') as tmp:
-            with outputs.FileSystems.open(file_path, compression_type='uncompressed') as src:
+            with FileSystems.open(file_path, compression_type='uncompressed') as src:
                 shutil.copyfileobj(src, tmp, 8 << 20)
             tmp.flush()
             index = faiss.read_index(tmp.name)
@@ -80,9 +83,10 @@ def search(output: str, vector: np.ndarray, k: int) -> list[tuple[float, int]]:
     return [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i != -1]
 
 
-def lookup(output: str, ids: list[int]) -> dict[int, dict]:
+def lookup(output: str, ids: list[int], config: StoreConfig = StoreConfig()) -> dict[int, dict]:
     """The chunk rows of the given id64s, by id64."""
-    chunks = outputs.dataset(outputs.path(output, 'chunks'))
-    table = chunks.to_table(columns=['id64', 'chunk_id', 'uri', 'page', 'start', 'end', 'text'],
-                            filter=pc.field('id64').isin(ids))
+    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config)
+    wanted = pa.array(ids, type=pa.int64())
+    table = chunks.table(['id64', 'chunk_id', 'uri', 'page', 'start', 'end', 'text'],
+                         where=lambda b: pc.is_in(b.column('id64'), value_set=wanted))
     return {row['id64']: row for row in table.to_pylist()}

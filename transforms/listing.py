@@ -6,16 +6,16 @@ from typing import Iterator, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.store import store_for
+from transforms.store import StoreConfig, StoreError, store_for
 from transforms.types import ObjectRef
 
 _listed = Metrics.counter('ragbeam', 'objects_listed')
 _listed_bytes = Metrics.counter('ragbeam', 'bytes_listed')
 
 
-def list_pattern(pattern: str) -> Iterator[ObjectRef]:
-    """Every object matching one --input pattern, with size and version."""
-    for ref in store_for(pattern).list(pattern):
+def list_pattern(pattern: str, config: StoreConfig) -> Iterator[ObjectRef]:
+    """Every object matching one --input pattern, with size and version, page by page."""
+    for ref in store_for(pattern, config).list(pattern):
         _listed.inc()
         _listed_bytes.inc(ref.size)
         yield ref
@@ -35,14 +35,15 @@ class ListObjects(beam.PTransform):
     workers.
     """
 
-    def __init__(self, patterns: list[str]):
+    def __init__(self, patterns: list[str], config: StoreConfig):
         super().__init__()
         self._patterns = patterns
+        self._config = config
 
     def expand(self, pbegin):
         return (pbegin
                 | 'Patterns' >> beam.Create(self._patterns)
-                | 'List' >> beam.FlatMap(list_pattern)
+                | 'List' >> beam.FlatMap(list_pattern, self._config)
                 | 'ByUri' >> beam.Map(lambda ref: (ref.uri, ref))
                 | 'Group' >> beam.GroupByKey()
                 | 'Once' >> beam.MapTuple(lambda uri, refs: (uri, next(iter(refs)))))
@@ -52,8 +53,12 @@ class NoMatchError(ValueError):
     """An --input pattern that matches nothing."""
 
 
-def check_patterns(patterns: list[str]) -> None:
+def check_patterns(patterns: list[str], config: StoreConfig) -> None:
     """Fails fast, before a pipeline starts, on a pattern that matches no object."""
     for pattern in patterns:
-        if next(iter(store_for(pattern).list(pattern)), None) is None:
+        try:
+            first = next(iter(store_for(pattern, config).list(pattern)), None)
+        except (StoreError, OSError) as e:
+            raise NoMatchError(f'--input {pattern} cannot be listed: {e}') from e
+        if first is None:
             raise NoMatchError(f'--input {pattern} matches no files')

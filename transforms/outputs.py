@@ -5,13 +5,16 @@ import io
 import json
 import os
 import uuid
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.ranged_file import RangedFile
+from transforms.store import StoreConfig, store_for
+from transforms.types import ObjectRef
 
 RUN_OUTPUTS = ('chunks', 'manifest', 'errors', 'index', 'report.json')
 
@@ -27,6 +30,16 @@ def path(output: str, *parts: str) -> str:
 
 def is_local(output: str) -> bool:
     return FileSystems.get_scheme(output) is None
+
+
+def configure(options: PipelineOptions) -> None:
+    """Points Beam's FileSystems (which write the outputs) at the run's stores and credentials."""
+    FileSystems.set_options(options)
+    if os.environ.get('STORAGE_EMULATOR_HOST'):
+        # Emulator mode needs no credentials; without this Beam spends ~20 s looking for them.
+        from apache_beam.internal.gcp import auth
+        auth._Credentials._credentials_init = True
+        auth._Credentials._credentials = None
 
 
 def prepare(output: str) -> None:
@@ -56,21 +69,44 @@ def read_json(file_path: str):
         return json.loads(f.read())
 
 
+class ParquetFolder:
+    """The Parquet files directly in one output folder, read file by file.
+
+    On object stores each file is opened over ranged reads (footer first, then the row groups
+    of the columns asked for), never downloaded whole.
+    """
+
+    def __init__(self, folder: str, config: StoreConfig = StoreConfig()):
+        self._store = store_for(folder, config)
+        self.refs = sorted(self._store.list(path(folder, '*.parquet')), key=lambda r: r.uri)
+
+    def schema(self) -> Optional[pa.Schema]:
+        return self._file(self.refs[0]).schema_arrow if self.refs else None
+
+    def batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+        for ref in self.refs:
+            yield from self._file(ref).iter_batches(batch_size=batch_size, columns=columns)
+
+    def table(self, columns: list[str], where: Optional[Callable] = None) -> pa.Table:
+        """All rows of `columns`, keeping those for which where(batch) (a boolean mask) holds."""
+        parts = []
+        for batch in self.batches(columns, 65536):
+            parts.append(batch.filter(where(batch)) if where else batch)
+        if not parts:
+            return pa.Table.from_batches([], schema=self.schema().empty_table().select(columns).schema)
+        return pa.Table.from_batches(parts)
+
+    def _file(self, ref: ObjectRef) -> pq.ParquetFile:
+        if is_local(ref.uri):
+            return pq.ParquetFile(ref.uri)
+        return pq.ParquetFile(RangedFile(lambda a, b: self._store.read_range(ref, a, b),
+                                         ref.size, name=ref.uri))
+
+
 def parquet_files(folder: str) -> list[str]:
     """The Parquet files directly in `folder`, sorted."""
     pattern = path(folder, '*.parquet')
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def dataset(folder: str) -> Optional[ds.Dataset]:
-    """A pyarrow dataset over a folder of Parquet files (None when it holds none)."""
-    files = parquet_files(folder)
-    if not files:
-        return None
-    if is_local(folder):
-        return ds.dataset(files, format='parquet')
-    fs, _ = pafs.FileSystem.from_uri(folder)  # object stores: pyarrow reads row groups by range
-    return ds.dataset([f.split('://', 1)[1] for f in files], format='parquet', filesystem=fs)
 
 
 def ensure_table(folder: str, schema: pa.Schema) -> None:

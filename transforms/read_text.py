@@ -12,7 +12,7 @@ from apache_beam.transforms.core import RestrictionProvider
 
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, TextEncoding, UndecodableError, detect_encoding
-from transforms.store import store_for
+from transforms.store import ObjectChangedError, ObjectNotFoundError, StoreConfig, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
 ERRORS = 'errors'
@@ -85,8 +85,10 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
     'stats'. Chunk k belongs to the restriction holding its nominal start k * chunk_size.
     """
 
-    def __init__(self, settings: ChunkerSettings, window_bytes: int, split_bytes: int):
+    def __init__(self, settings: ChunkerSettings, window_bytes: int, split_bytes: int,
+                 store_config: StoreConfig):
         self._settings = settings
+        self._store_config = store_config
         self._window = window_bytes
         self._split = split_bytes
         self._bytes_read = Metrics.counter('ragbeam', 'bytes_read')
@@ -108,7 +110,7 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
     def process(self, ref: ObjectRef, tracker=beam.DoFn.RestrictionParam()):
         rng = tracker.current_restriction()
         owns_head = rng.start == 0
-        store = store_for(ref.uri)
+        store = store_for(ref.uri, self._store_config)
         read = lambda a, b: store.read_range(ref, a, b)  # noqa: E731
         reader = ByteWindowReader(read, ref.size, self._window, limit=rng.stop + self._settings.reach())
         head_reader = reader if owns_head else ByteWindowReader(
@@ -137,7 +139,7 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
             _finish(tracker)
             _log.warning('read of %s [%d, %d) failed: %s', ref.uri, rng.start, rng.stop, e)
             yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'read', e, rng.start, rng.stop))
-            tally.fail('failed', f'unreadable: {type(e).__name__}: {e}')
+            tally.fail('failed', read_failure_reason(e))
         tally.bytes_read = reader.bytes_read + (head_reader.bytes_read if not owns_head else 0)
         self._bytes_read.inc(tally.bytes_read)
         self._chunks.inc(tally.chunks)
@@ -188,6 +190,15 @@ class _Tally:
         return ObjectStats(chunks=self.chunks, bytes_read=self.bytes_read, errors=self.errors,
                            encoding=self.encoding, status=self.status, reason=self.reason,
                            kind=self.kind)
+
+
+def read_failure_reason(e: Exception) -> str:
+    """The manifest reason of an object whose bytes could not be read."""
+    if isinstance(e, ObjectChangedError):
+        return 'changed during read: the object is no longer the listed version'
+    if isinstance(e, ObjectNotFoundError):
+        return 'not found: the object was deleted after listing'
+    return f'unreadable: {type(e).__name__}: {e}'
 
 
 def _finish(tracker) -> None:

@@ -159,7 +159,7 @@ class S3Store(Store):
         self._config = config
         self._client = boto3.session.Session().client(
             's3', endpoint_url=config.s3_endpoint_url, region_name=config.s3_region,
-            config=Config(retries={'max_attempts': 1, 'mode': 'standard'},
+            config=Config(retries={'total_max_attempts': 1, 'mode': 'standard'},
                           s3={'addressing_style': 'path' if config.s3_path_style else 'auto'},
                           max_pool_connections=32, connect_timeout=10, read_timeout=60))
 
@@ -237,15 +237,21 @@ class GCSStore(Store):
     def list(self, pattern: str) -> Iterator[ObjectRef]:
         bucket, key_pattern = split_uri(pattern)
         prefix, matches = glob_to_prefix(key_pattern)
-        pages = self._client.list_blobs(bucket, prefix=prefix, page_size=1000).pages
+        token = None
         while True:
-            page = retrying(self._config, f'list {pattern}',
-                            lambda: self._call(pattern, lambda: list(next(pages, None) or [None])))
-            if page == [None]:
-                return
-            for blob in page:
-                if blob is not None and matches(blob.name) and not blob.name.endswith('/'):
+            def page(token=token):
+                listing = self._client.list_blobs(bucket, prefix=prefix, page_size=1000,
+                                                  page_token=token, retry=None)
+                blobs = list(next(listing.pages, ()))
+                return blobs, listing.next_page_token
+
+            blobs, token = retrying(self._config, f'list {pattern}',
+                                    lambda: self._call(pattern, page))
+            for blob in blobs:
+                if matches(blob.name) and not blob.name.endswith('/'):
                     yield ObjectRef(f'gs://{bucket}/{blob.name}', blob.size, str(blob.generation))
+            if not token:
+                return
 
     def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
         want = _expected_length(ref, start, end)

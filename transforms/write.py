@@ -86,7 +86,7 @@ def error_json(record: ErrorRecord) -> str:
 
 
 class WriteErrors(beam.PTransform):
-    """Writes ErrorRecords as JSON lines."""
+    """Writes ErrorRecords as JSON lines; no file at all when there are none."""
 
     def __init__(self, path_prefix: str):
         super().__init__()
@@ -96,4 +96,4 @@ class WriteErrors(beam.PTransform):
         return (records
                 | 'ToJson' >> beam.Map(error_json)
                 | 'Write' >> beam.io.WriteToText(self._prefix, file_name_suffix='.jsonl',
-                                                 num_shards=1))
+                                                 num_shards=1, skip_if_empty=True))

@@ -1,0 +1,191 @@
+"""S3 (moto's HTTP server, a fault-injecting proxy) and GCS (emulator): same chunks as local."""
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import CORPUS, check_output, ragbeam
+from tests.servers import S3_ENV, FaultProxy, GCSEmulator, MotoS3
+from transforms.store import (GCSStore, ObjectChangedError, ObjectNotFoundError, S3Store,
+                              StoreConfig, glob_to_prefix)
+
+
+@pytest.fixture(scope='module')
+def s3():
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = MotoS3()
+    server.upload_tree('corpus', CORPUS / 'text', 'text')
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope='module')
+def gcs():
+    emulator = GCSEmulator()
+    emulator.upload_tree('corpus', CORPUS / 'text', 'text')
+    yield emulator
+    emulator.stop()
+
+
+def chunk_set(out: Path) -> set:
+    """(path relative to the corpus folder, start, end, text) of every chunk."""
+    table = ds.dataset(out / 'chunks').to_table(columns=['uri', 'start', 'end', 'text'])
+    return {(uri.split('/text/', 1)[1], s, e, t) for uri, s, e, t in zip(
+        *(table.column(c).to_pylist() for c in ('uri', 'start', 'end', 'text')))}
+
+
+def manifest(out: Path) -> dict:
+    return {r['uri'].rsplit('/', 1)[1]: r for r in ds.dataset(out / 'manifest').to_table().to_pylist()}
+
+
+def errors(out: Path) -> list[dict]:
+    return [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
+            for line in f.read_text().splitlines()]
+
+
+def test_glob_patterns():
+    prefix, matches = glob_to_prefix('docs/*/a?.txt')
+    assert prefix == 'docs/' and matches('docs/x/ab.txt') and not matches('docs/x/y/ab.txt')
+    prefix, matches = glob_to_prefix('docs/**.md')
+    assert prefix == 'docs/' and matches('docs/a/b/c.md') and not matches('docs/a.txt')
+    prefix, matches = glob_to_prefix('docs/sub')
+    assert matches('docs/sub') and matches('docs/sub/x') and not matches('docs/subway')
+
+
+def test_s3_gives_the_same_chunks_as_local(s3, text_run, tmp_path):
+    out = tmp_path / 's3'
+    ragbeam('run', '--input', 's3://corpus/text/**', '--output', out,
+            '--s3-endpoint-url', s3.endpoint)
+    check_output(out, '--input', CORPUS / 'text')
+    assert chunk_set(out) == chunk_set(text_run)
+    report = json.loads((out / 'report.json').read_text())
+    assert report['objects_ok'] == 22 and report['bytes_read'] == report['bytes_listed']
+
+
+def test_faults_are_retried_and_change_nothing(s3, text_run, tmp_path):
+    proxy = FaultProxy(s3.port)
+    try:
+        out = tmp_path / 'faulty'
+        ragbeam('run', '--input', 's3://corpus/text/**', '--output', out,
+                '--s3-endpoint-url', proxy.endpoint, '--split-bytes', '262144',
+                '--window-bytes', '65536')
+    finally:
+        proxy.stop()
+    assert proxy.faults_injected >= 10
+    assert chunk_set(out) == chunk_set(text_run)
+    report = json.loads((out / 'report.json').read_text())
+    assert report['objects_ok'] == 22
+    assert report['counters']['store_retries'] >= proxy.faults_injected
+
+
+def test_changed_and_deleted_objects_fail_cleanly(s3, tmp_path):
+    client = s3.client()
+    for name in ('changed', 'deleted', 'kept'):
+        client.put_object(Bucket='corpus', Key=f'mut/{name}.txt', Body=f'{name} text. ' * 200)
+    proxy = FaultProxy(s3.port, faults=False)
+    proxy.hooks['mut/changed.txt'] = lambda: client.put_object(
+        Bucket='corpus', Key='mut/changed.txt', Body=b'a new version ' * 300)
+    proxy.hooks['mut/deleted.txt'] = lambda: client.delete_object(Bucket='corpus', Key='mut/deleted.txt')
+    try:
+        out = tmp_path / 'mut'
+        ragbeam('run', '--input', 's3://corpus/mut/**', '--output', out,
+                '--s3-endpoint-url', proxy.endpoint)
+    finally:
+        proxy.stop()
+    rows = manifest(out)
+    assert rows['kept.txt']['status'] == 'ok' and rows['kept.txt']['chunks'] >= 1
+    assert rows['changed.txt']['status'] == 'failed'
+    assert rows['changed.txt']['reason'].startswith('changed during read')
+    assert rows['deleted.txt']['status'] == 'failed' and rows['deleted.txt']['reason'].startswith('not found')
+    kinds = {e['uri'].rsplit('/', 1)[1]: (e['stage'], e['error_type']) for e in errors(out)}
+    assert kinds == {'changed.txt': ('read', 'ObjectChangedError'),
+                     'deleted.txt': ('read', 'ObjectNotFoundError')}
+    uris = set(ds.dataset(out / 'chunks').to_table(columns=['uri']).column('uri').to_pylist())
+    assert uris == {'s3://corpus/mut/kept.txt'}
+
+
+def test_s3_reads_are_pinned_and_exact(s3):
+    client = s3.client()
+    client.put_object(Bucket='corpus', Key='pin/a.txt', Body=b'0123456789' * 100)
+    store = S3Store(StoreConfig(s3_endpoint_url=s3.endpoint, max_attempts=2))
+    ref = next(store.list('s3://corpus/pin/a.txt'))
+    assert (ref.size, store.read_range(ref, 5, 15)) == (1000, b'5678901234')
+    assert store.read_range(ref, 990, 5000) == b'0123456789'
+    client.put_object(Bucket='corpus', Key='pin/a.txt', Body=b'changed')
+    with pytest.raises(ObjectChangedError):
+        store.read_range(ref, 0, 10)
+    client.delete_object(Bucket='corpus', Key='pin/a.txt')
+    with pytest.raises(ObjectNotFoundError):
+        store.read_range(ref, 0, 10)
+
+
+def test_listing_20000_keys_is_lazy(s3):
+    s3.client().create_bucket(Bucket='many')
+    s3.put_many('many', (f'k/{i:06d}.txt' for i in range(20000)), b'x')
+    store = S3Store(StoreConfig(s3_endpoint_url=s3.endpoint))
+
+    def peak_while_listing(limit: int) -> tuple[int, int]:
+        tracemalloc.start()
+        count = sum(1 for _, _ in zip(range(limit), store.list('s3://many/k/**')))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return count, peak
+
+    few, few_peak = peak_while_listing(2000)
+    many, many_peak = peak_while_listing(10**9)
+    assert (few, many) == (2000, 20000)
+    # ten times the keys, about the same memory: one page (1000 keys) at a time
+    assert many_peak < few_peak * 1.25 + (1 << 20), (few_peak, many_peak)
+
+
+def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
+    s3.client().create_bucket(Bucket='results')
+    ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
+            '--s3-endpoint-url', s3.endpoint)
+    local = tmp_path / 'copy'
+    s3.download_tree('results', 'run1', local)
+    check_output(local, '--input', CORPUS / 'text')
+    hits = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
+                              s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
+    assert hits and hits[0]['uri'].endswith('rfc3986.txt')
+
+
+def test_gcs_gives_the_same_chunks_as_local(gcs, text_run, tmp_path):
+    out = tmp_path / 'gcs'
+    ragbeam('run', '--input', 'gs://corpus/text/**', '--output', out)
+    check_output(out, '--input', CORPUS / 'text')
+    assert chunk_set(out) == chunk_set(text_run)
+
+
+def test_outputs_on_gcs_and_query_from_gcs(gcs, tmp_path):
+    gcs.client().create_bucket('results')
+    ragbeam('run', '--input', CORPUS / 'text', '--output', 'gs://results/run1')
+    local = tmp_path / 'copy'
+    gcs.download_tree('results', 'run1', local)
+    check_output(local, '--input', CORPUS / 'text')
+    hits = json.loads(ragbeam('query', '--output', 'gs://results/run1', '--json', '-k', '3',
+                              'uniform resource identifier').stdout)
+    assert hits and hits[0]['uri'].endswith('rfc3986.txt')
+
+
+def test_gcs_reads_are_exact_and_deleted_objects_are_not_found(gcs):
+    bucket = gcs.client().bucket('corpus')
+    bucket.blob('pin/a.txt').upload_from_string(b'0123456789' * 100)
+    store = GCSStore(StoreConfig(max_attempts=2))
+    ref = next(store.list('gs://corpus/pin/a.txt'))
+    assert ref.size == 1000 and int(ref.version) > 0
+    assert store.read_range(ref, 5, 15) == b'5678901234'
+    bucket.blob('pin/a.txt').delete()
+    with pytest.raises(ObjectNotFoundError):
+        store.read_range(ref, 0, 10)
