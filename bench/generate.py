@@ -26,3 +26,45 @@ def write_text(path: str, size: int, seed: int = 7) -> None:
             block = ''.join(paragraph(rng) for _ in range(2000))[:size - written]
             f.write(block)
             written += len(block)
+
+
+def write_pdf(path: str, pages: int, image_bytes: int = 400_000, seed: int = 7) -> None:
+    """Writes a PDF of `pages` pages, each with a line of text and an incompressible image.
+
+    Written object by object (bounded memory), with a classic cross-reference table, so that
+    a reader must seek to the end and then to each page's objects.
+    """
+    rng = random.Random(seed)
+    side = int((image_bytes // 3) ** 0.5)
+    offsets: list[int] = []
+    with open(path, 'wb') as f:
+        def obj(number: int, body: bytes, stream: bytes = None) -> None:
+            offsets.append(f.tell())
+            f.write(b'%d 0 obj\n' % number + body)
+            if stream is not None:
+                f.write(b'\nstream\n' + stream + b'\nendstream')
+            f.write(b'\nendobj\n')
+
+        f.write(b'%PDF-1.4\n%\xe2\xe3\xcf\xd3\n')
+        kids = b' '.join(b'%d 0 R' % (4 + 3 * i) for i in range(pages))
+        obj(1, b'<< /Type /Catalog /Pages 2 0 R >>')
+        obj(2, b'<< /Type /Pages /Count %d /Kids [%s] >>' % (pages, kids))
+        obj(3, b'<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>')
+        for i in range(pages):
+            page, content, image = 4 + 3 * i, 5 + 3 * i, 6 + 3 * i
+            obj(page, b'<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R '
+                      b'/Resources << /Font << /F1 3 0 R >> /XObject << /Im1 %d 0 R >> >> >>'
+                % (content, image))
+            words = ' '.join(rng.choice(_WORDS) for _ in range(40))
+            text = f'BT /F1 10 Tf 40 760 Td (Page {i + 1}: {words}) Tj ET q 200 0 0 200 100 400 cm /Im1 Do Q'
+            obj(content, b'<< /Length %d >>' % len(text), text.encode('ascii'))
+            pixels = rng.randbytes(side * side * 3)
+            obj(image, b'<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace '
+                       b'/DeviceRGB /BitsPerComponent 8 /Length %d >>' % (side, side, len(pixels)),
+                pixels)
+        xref = f.tell()
+        f.write(b'xref\n0 %d\n0000000000 65535 f \n' % (len(offsets) + 1))
+        for offset in offsets:
+            f.write(b'%010d 00000 n \n' % offset)
+        f.write(b'trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n'
+                % (len(offsets) + 1, xref))

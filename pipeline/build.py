@@ -11,12 +11,12 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from pipeline import report as reporting
 from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
 from transforms import index, outputs
-from transforms.batch import BatchBounded
-from transforms.embed import EMBEDDERS, EmbedChunks
+from transforms.embed import EMBEDDERS
 from transforms.listing import ListObjects, check_patterns, skip_reason
 from transforms.manifest import BuildManifest
-from transforms.read_text import ERRORS, STATS, ReadTextChunks
-from transforms.write import WriteChunkTables, WriteErrors, WriteManifest, chunk_schema
+from transforms.pdf import OpenPdfs, ReadPdfChunks
+from transforms.read_text import ERRORS, PDFS, STATS, ReadTextChunks, looks_like_pdf
+from transforms.write import EmbedAndWrite, WriteErrors, WriteManifest, chunk_schema
 
 _log = logging.getLogger(__name__)
 
@@ -28,24 +28,34 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
     only object refs, stats and error records cross a shuffle.
     """
     out = opts.output
-    schema = chunk_schema(EMBEDDERS[opts.embedder]().dim)
     refs = p | 'ListObjects' >> ListObjects(opts.inputs, opts.store)
     skipped = refs | 'SkipBySize' >> beam.FlatMapTuple(
         lambda uri, ref: [(uri, r)] if (r := skip_reason(ref, opts.max_object_bytes)) else [])
     to_read = refs | 'ToRead' >> beam.FlatMapTuple(
         lambda uri, ref: [] if skip_reason(ref, opts.max_object_bytes) else [ref])
-    read = to_read | 'ReadText' >> beam.ParDo(
+    named_pdf, maybe_text = to_read | 'ByName' >> beam.Partition(
+        lambda ref, _: 0 if looks_like_pdf(ref.uri) else 1, 2)
+    text = maybe_text | 'ReadText' >> beam.ParDo(
         ReadTextChunks(opts.chunker, opts.window_bytes, opts.split_bytes, opts.store)
-    ).with_outputs(ERRORS, STATS, main='chunks')
-    _ = (read.chunks
-         | 'EmbedBatches' >> beam.ParDo(BatchBounded(
-             opts.embed_batch_size, opts.embed_batch_bytes, weight=lambda c: len(c.text)))
-         | 'Embed' >> beam.ParDo(EmbedChunks(opts.embedder, schema))
-         | 'WriteChunks' >> WriteChunkTables(outputs.path(out, 'chunks', 'chunks'), schema))
-    _ = ((refs, read[STATS], skipped)
+    ).with_outputs(ERRORS, STATS, PDFS, main='chunks')
+    pdfs = (named_pdf, text[PDFS]) | 'AllPdfs' >> beam.Flatten()
+    opened = pdfs | 'OpenPdfs' >> beam.ParDo(OpenPdfs(opts.pdf, opts.store)).with_outputs(
+        ERRORS, STATS, main='documents')
+    pages = opened.documents | 'ReadPdfPages' >> beam.ParDo(
+        ReadPdfChunks(opts.chunker, opts.pdf, opts.store)).with_outputs(ERRORS, STATS, main='chunks')
+    # Each reader embeds and writes its own chunks: a Flatten of the two would be a fusion
+    # break that holds every chunk in memory on the FnApiRunner.
+    for name, read in (('text', text), ('pdf', pages)):
+        _ = read.chunks | f'EmbedAndWrite/{name}' >> EmbedAndWrite(
+            outputs.path(out, 'chunks', name), opts.embedder, opts.embed_batch_size,
+            opts.embed_batch_bytes)
+    stats = (text[STATS], opened[STATS], pages[STATS]) | 'AllStats' >> beam.Flatten()
+    _ = ((refs, stats, skipped)
          | 'Manifest' >> BuildManifest()
          | 'WriteManifest' >> WriteManifest(outputs.path(out, 'manifest', 'manifest')))
-    _ = read[ERRORS] | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors'))
+    _ = ((text[ERRORS], opened[ERRORS], pages[ERRORS])
+         | 'AllErrors' >> beam.Flatten()
+         | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors')))
 
 
 def make_pipeline(opts: RunOptions) -> beam.Pipeline:
@@ -83,7 +93,8 @@ def run(opts: RunOptions) -> dict | None:
                      'no report and no index are built')
         return None
     result.wait_until_finish()
-    outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(EMBEDDERS[opts.embedder]().dim))
+    outputs.ensure_table(outputs.path(opts.output, 'chunks'),
+                         chunk_schema(EMBEDDERS[opts.embedder]().dim))
     index_meta = None
     if opts.index_type != 'none':
         index_meta = index.build_index(opts.output, opts.index_type, opts.store)

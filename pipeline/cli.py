@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.options import (INDEX_TYPES, RunOptions, UsageError, parse_size, store_beam_args,
                               store_config)
 from transforms import outputs
+from transforms.pdf import OCR_ENGINES
 from transforms.store import StoreConfig
 from transforms.listing import NoMatchError
 from transforms.outputs import OutputError
@@ -47,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--split-bytes', type=_size, default=64 << 20,
                      help='initial split of one object')
     run.add_argument('--pdf-pages-per-split', type=int, default=16)
+    run.add_argument('--pdf-page-timeout', type=float, default=60.0,
+                     help='seconds one PDF page may take before it is cut off (an error record)')
+    run.add_argument('--pdf-max-pages', type=int, default=10000,
+                     help='PDFs with more pages fail with a reason')
+    run.add_argument('--pdf-max-stream-bytes', type=_size, default=64 << 20,
+                     help='largest decompressed PDF stream (bombs fail clearly)')
+    run.add_argument('--pdf-max-worker-mb', type=int, default=1024,
+                     help='memory of the pypdf process before a page is cut off')
+    run.add_argument('--ocr', choices=OCR_ENGINES, default='none',
+                     help='OCR image-only PDF pages (tesseract must be installed)')
     run.add_argument('--max-object-bytes', type=_size, default=None,
                      help='skip larger objects (with a reason in the manifest)')
     run.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
@@ -93,7 +104,10 @@ def _run(args, beam_args: list[str]) -> int:
         inputs=args.input, output=args.output, embedder=args.embedder,
         chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
         window_bytes=args.window_bytes, split_bytes=args.split_bytes,
-        pdf_pages_per_split=args.pdf_pages_per_split, max_object_bytes=args.max_object_bytes,
+        pdf_pages_per_split=args.pdf_pages_per_split, pdf_page_timeout=args.pdf_page_timeout,
+        pdf_max_pages=args.pdf_max_pages, pdf_max_stream_bytes=args.pdf_max_stream_bytes,
+        pdf_max_worker_mb=args.pdf_max_worker_mb, ocr=args.ocr,
+        max_object_bytes=args.max_object_bytes,
         index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region, s3_path_style=args.s3_path_style,
         store_max_attempts=args.store_max_attempts,

@@ -1,12 +1,15 @@
 """Typed options of a ragbeam run, separate from Beam's own pipeline options."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from transforms.chunk import ChunkerSettings
+from transforms.pdf import PdfOptions
+from transforms.pdf_sandbox import PdfLimits
 from transforms.store import StoreConfig
 
 INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
@@ -48,6 +51,11 @@ class RunOptions:
     s3_region: Optional[str] = None
     s3_path_style: bool = False
     store_max_attempts: int = 6
+    pdf_page_timeout: float = 60.0
+    pdf_max_pages: int = 10000
+    pdf_max_stream_bytes: int = 64 << 20
+    pdf_max_worker_mb: int = 1024
+    ocr: str = 'none'
     embed_batch_size: int = 256
     embed_batch_bytes: int = 4 << 20
     beam_args: list[str] = field(default_factory=list)
@@ -56,6 +64,12 @@ class RunOptions:
     def store(self) -> StoreConfig:
         return store_config(self.s3_endpoint_url, self.s3_region, self.s3_path_style,
                             self.store_max_attempts)
+
+    @property
+    def pdf(self) -> PdfOptions:
+        return PdfOptions(self.pdf_pages_per_split, PdfLimits(
+            self.pdf_max_pages, self.pdf_max_stream_bytes, self.pdf_page_timeout,
+            self.pdf_max_worker_mb), self.ocr)
 
     @property
     def chunker(self) -> ChunkerSettings:
@@ -75,6 +89,12 @@ class RunOptions:
             raise UsageError('--split-bytes must be at least --chunk-size')
         if self.pdf_pages_per_split < 1:
             raise UsageError('--pdf-pages-per-split must be at least 1')
+        if self.pdf_page_timeout <= 0 or self.pdf_max_pages < 1 or self.pdf_max_stream_bytes < 1:
+            raise UsageError('--pdf-page-timeout, --pdf-max-pages and --pdf-max-stream-bytes '
+                             'must be positive')
+        if self.ocr == 'tesseract' and not shutil.which('tesseract'):
+            raise UsageError('--ocr tesseract needs the tesseract program '
+                             '(Debian/Ubuntu: apt-get install tesseract-ocr) and pytesseract')
         if self.max_object_bytes is not None and self.max_object_bytes < 0:
             raise UsageError('--max-object-bytes must not be negative')
         if self.index_type not in BUILT_INDEX_TYPES:

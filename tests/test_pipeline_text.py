@@ -37,7 +37,7 @@ def test_bad_objects_are_accounted_for_and_the_run_goes_on(tmp_path):
     src.mkdir()
     (src / 'good.txt').write_text('A perfectly good line of text.\n' * 50)
     (src / 'binary.bin').write_bytes(bytes(range(256)) * 12)
-    (src / 'report.PDF').write_bytes(b'%PDF-1.4\n% not parsed yet\n')
+    (src / 'report.PDF').write_bytes(b'%PDF-1.4\n% truncated: no cross-reference table\n')
     (src / 'big.txt').write_text('x' * 5000)
     out = tmp_path / 'out'
     ragbeam('run', '--input', src, '--output', out, '--max-object-bytes', '4000')
@@ -47,14 +47,17 @@ def test_bad_objects_are_accounted_for_and_the_run_goes_on(tmp_path):
     assert rows['binary.bin']['status'] == 'failed'
     assert rows['binary.bin']['reason'].startswith('undecodable')
     assert rows['big.txt']['status'] == 'skipped' and 'max-object-bytes' in rows['big.txt']['reason']
-    assert rows['report.PDF']['status'] == 'skipped'
+    assert rows['report.PDF']['status'] == 'failed' and rows['report.PDF']['kind'] == 'pdf'
+    assert rows['report.PDF']['reason'].startswith('unreadable pdf: PdfReadError')
     errors = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
               for line in f.read_text().splitlines()]
     assert [(e['stage'], e['error_type']) for e in errors if e['uri'].endswith('binary.bin')] == [
         ('decode', 'UndecodableError')]
+    assert [(e['stage'], e['error_type']) for e in errors if e['uri'].endswith('.PDF')] == [
+        ('open', 'PdfReadError')]
     report = json.loads((out / 'report.json').read_text())
-    assert (report['objects_ok'], report['objects_failed'], report['objects_skipped']) == (1, 1, 2)
-    assert report['bytes_skipped'] == 5000 + (src / 'report.PDF').stat().st_size
+    assert (report['objects_ok'], report['objects_failed'], report['objects_skipped']) == (1, 2, 1)
+    assert report['bytes_skipped'] == 5000
 
 
 def test_overlapping_patterns_list_each_object_once(tmp_path):

@@ -215,3 +215,19 @@ class ChunkRule:
         if family == 'wide' and self.enc.unit == 2:
             return not ('\udc00' <= view[i] <= '\udfff' and i > 0 and '\ud800' <= view[i - 1] <= '\udbff')
         return True
+
+
+_UTF32 = TextEncoding('utf-32-le', 0, 4, 'wide')
+
+
+def text_spans(text: str, settings: ChunkerSettings) -> list[tuple[int, int]]:
+    """Chunk spans of an in-memory text (a PDF page), in character offsets.
+
+    The same rule as for text objects, applied to the text's UTF-32 code units, so that
+    `chunk_size` counts characters here.
+    """
+    data = text.encode('utf-32-le', errors='surrogatepass')
+    wide = ChunkerSettings(settings.size * 4, settings.overlap * 4)
+    rule = ChunkRule(wide, _UTF32, len(data))
+    fetch = lambda a, b: data[a:b]  # noqa: E731
+    return [(s // 4, e // 4) for s, e in rule.spans(fetch, lambda pos: pos < len(data), 0)]

@@ -18,7 +18,8 @@ def manifest_row(ref: ObjectRef, stats: Iterable[ObjectStats], skipped: Optional
         status, reason = total.status or 'ok', total.reason
     return ManifestRow(uri=ref.uri, size=ref.size, version=ref.version, status=status,
                        chunks=total.chunks, bytes_read=total.bytes_read, reason=reason,
-                       kind=total.kind, encoding=total.encoding, errors=total.errors)
+                       kind=total.kind, encoding=total.encoding, errors=total.errors,
+                       pages=total.pages, ocr_needed_pages=total.ocr_needed)
 
 
 class BuildManifest(beam.PTransform):

@@ -9,8 +9,8 @@ import io
 from collections import OrderedDict
 from typing import Callable
 
-BLOCK_BYTES = 1 << 20
-MAX_BLOCKS = 8
+BLOCK_BYTES = 64 << 10  # small: PDF objects are small and scattered
+MAX_BLOCKS = 64
 
 
 class RangedFile(io.RawIOBase):

@@ -17,6 +17,7 @@ from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
 ERRORS = 'errors'
 STATS = 'stats'
+PDFS = 'pdfs'
 PDF_MAGIC = b'%PDF-'
 
 _log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ def looks_like_pdf(uri: str, head: bytes = b'') -> bool:
 class ReadTextChunks(beam.DoFn, RestrictionProvider):
     """Splittable DoFn: ObjectRef -> Chunks, restricted to the byte range [start, stop).
 
-    Outputs chunks on the main output, ErrorRecords on 'errors' and (uri, ObjectStats) on
-    'stats'. Chunk k belongs to the restriction holding its nominal start k * chunk_size.
+    Outputs chunks on the main output, ErrorRecords on 'errors', (uri, ObjectStats) on
+    'stats', and on 'pdfs' the refs of objects that turn out to be PDFs (by their magic bytes).
+    Chunk k belongs to the restriction holding its nominal start k * chunk_size.
     """
 
     def __init__(self, settings: ChunkerSettings, window_bytes: int, split_bytes: int,
@@ -117,26 +119,23 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
             read, ref.size, self._window, limit=DETECT_BYTES)
         tally = _Tally()
         try:
-            is_pdf = looks_like_pdf(ref.uri)
-            if not is_pdf:
-                head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
-                is_pdf = looks_like_pdf(ref.uri, head)
-            if is_pdf:
-                _finish(tracker)
+            head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
+            if looks_like_pdf(ref.uri, head):
+                finish_restriction(tracker)
                 tally.kind = 'pdf'
-                if owns_head:
-                    tally.fail('skipped', 'pdf: PDF ingestion is not available in this version')
+                if owns_head:  # the PDF reader takes it from here
+                    yield beam.pvalue.TaggedOutput(PDFS, ref)
             else:
                 encoding = detect_encoding(head, ref.size)
                 tally.encoding = encoding.codec
                 yield from self._chunks_of(ref, tracker, reader, encoding, tally)
         except UndecodableError as e:
-            _finish(tracker)
+            finish_restriction(tracker)
             if owns_head:  # every restriction decides alike; one record per object
                 yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'decode', e, 0, ref.size))
                 tally.fail('failed', f'undecodable: {e}')
         except (OSError, ValueError) as e:
-            _finish(tracker)
+            finish_restriction(tracker)
             _log.warning('read of %s [%d, %d) failed: %s', ref.uri, rng.start, rng.stop, e)
             yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'read', e, rng.start, rng.stop))
             tally.fail('failed', read_failure_reason(e))
@@ -201,7 +200,7 @@ def read_failure_reason(e: Exception) -> str:
     return f'unreadable: {type(e).__name__}: {e}'
 
 
-def _finish(tracker) -> None:
+def finish_restriction(tracker) -> None:
     """Marks the rest of the restriction as done, so the runner does not wait for it."""
     stop = tracker.current_restriction().stop
     try:

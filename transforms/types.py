@@ -51,18 +51,22 @@ class ObjectStats:
     status: Optional[str] = None  # 'failed' or 'skipped' when the object as a whole is
     reason: Optional[str] = None
     kind: Optional[str] = None
+    pages: Optional[int] = None
+    ocr_needed: int = 0
 
     def merge(self, other: 'ObjectStats') -> 'ObjectStats':
         """Adds counts; keeps the object-level status of whichever side has one (failed wins)."""
         first, second = sorted((self, other), key=_status_rank)
         return ObjectStats(
-                chunks=self.chunks + other.chunks,
-                bytes_read=self.bytes_read + other.bytes_read,
-                errors=self.errors + other.errors,
-                encoding=self.encoding or other.encoding,
-                status=first.status or second.status,
-                reason=first.reason or second.reason,
-                kind=self.kind or other.kind)
+            chunks=self.chunks + other.chunks,
+            bytes_read=self.bytes_read + other.bytes_read,
+            errors=self.errors + other.errors,
+            encoding=self.encoding or other.encoding,
+            status=first.status or second.status,
+            reason=first.reason or second.reason,
+            kind=self.kind or other.kind,
+            pages=self.pages if self.pages is not None else other.pages,
+            ocr_needed=self.ocr_needed + other.ocr_needed)
 
 
 def _status_rank(s: ObjectStats) -> tuple:
@@ -82,3 +86,5 @@ class ManifestRow:
     kind: Optional[str]
     encoding: Optional[str]
     errors: int = field(default=0)
+    pages: Optional[int] = None
+    ocr_needed_pages: int = 0

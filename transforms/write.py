@@ -8,6 +8,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from transforms.batch import BatchBounded
+from transforms.embed import EMBEDDERS, EmbedChunks
 from transforms.types import ErrorRecord, ManifestRow
 
 ROW_GROUP_ROWS = 4096
@@ -43,7 +44,26 @@ MANIFEST_SCHEMA = pa.schema([
     ('kind', pa.string()),
     ('encoding', pa.string()),
     ('errors', pa.int64()),
+    ('pages', pa.int64()),
+    ('ocr_needed_pages', pa.int64()),
 ])
+
+
+class EmbedAndWrite(beam.PTransform):
+    """Chunks -> batches bounded in count and text bytes -> embeddings -> Parquet files."""
+
+    def __init__(self, path_prefix: str, embedder: str, batch_size: int, batch_bytes: int):
+        super().__init__()
+        self._prefix = path_prefix
+        self._embedder = embedder
+        self._batch = (batch_size, batch_bytes)
+
+    def expand(self, chunks):
+        schema = chunk_schema(EMBEDDERS[self._embedder]().dim)
+        return (chunks
+                | 'Batches' >> beam.ParDo(BatchBounded(*self._batch, weight=lambda c: len(c.text)))
+                | 'Embed' >> beam.ParDo(EmbedChunks(self._embedder, schema))
+                | 'Write' >> WriteChunkTables(self._prefix, schema))
 
 
 class WriteChunkTables(beam.PTransform):

@@ -1,0 +1,189 @@
+"""PDFs: opened over ranged reads, split into page ranges, extracted page by page.
+
+`OpenPdfs` opens each PDF once (trailer, cross-reference table, page tree) to count its pages
+and to fail early on broken or password-protected files. `ReadPdfChunks` is a splittable DoFn
+whose restriction is a page range: each worker re-opens the PDF over the same ranged reads and
+extracts only its pages, so one big PDF is spread over many workers and no worker holds more
+than its block cache and one page. pypdf runs in a child process (transforms.pdf_sandbox),
+so a page that takes too long or too much memory is cut off without harm to the worker.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider
+
+from transforms.chunk import ChunkerSettings, chunk_id, text_spans
+from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
+from transforms.read_text import ERRORS, STATS, finish_restriction, is_blank, read_failure_reason
+from transforms.store import StoreConfig, store_for
+from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
+
+OCR_ENGINES = ('none', 'tesseract')
+
+
+@dataclass(frozen=True)
+class PdfDocument:
+    """A PDF that opened, and its page count: the element of the page-range SDF."""
+    ref: ObjectRef
+    pages: int
+
+
+@dataclass(frozen=True)
+class PdfOptions:
+    """How PDFs are split, bounded and OCR'd."""
+    pages_per_split: int = 16
+    limits: PdfLimits = field(default_factory=PdfLimits)
+    ocr: str = 'none'
+
+
+class _SandboxDoFn(beam.DoFn):
+    """A DoFn with one pypdf sandbox process per instance, started on first use."""
+
+    def __init__(self, options: PdfOptions, store_config: StoreConfig):
+        self._options = options
+        self._store_config = store_config
+        self._sandbox: Optional[PdfSandbox] = None
+
+    def setup(self) -> None:
+        self._sandbox = PdfSandbox(self._options.limits)
+
+    def teardown(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+
+    def _open(self, ref: ObjectRef) -> int:
+        store = store_for(ref.uri, self._store_config)
+        self._sandbox.bytes_read = 0
+        return self._sandbox.open(lambda a, b: store.read_range(ref, a, b), ref.size)
+
+
+def _pdf_error(ref: ObjectRef, stage: str, e: Exception, page: Optional[int] = None) -> ErrorRecord:
+    return ErrorRecord(uri=ref.uri, stage=stage, version=ref.version, page=page,
+                       error_type=getattr(e, 'error_type', type(e).__name__),
+                       message=str(e)[:2000])
+
+
+def open_failure_reason(e: Exception) -> str:
+    """The manifest reason of a PDF that could not be opened."""
+    if isinstance(e, PdfError):
+        if e.error_type == 'PasswordRequired':
+            return 'password required'
+        return f'unreadable pdf: {e.error_type}: {e}'
+    return read_failure_reason(e)
+
+
+class OpenPdfs(_SandboxDoFn):
+    """ObjectRef -> PdfDocument, or a failed object with the reason it does not open."""
+
+    def process(self, ref: ObjectRef) -> Iterator:
+        try:
+            pages = self._open(ref)
+        except (PdfError, OSError) as e:
+            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'open', e))
+            yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
+                kind='pdf', bytes_read=self._sandbox.bytes_read, errors=1, status='failed',
+                reason=open_failure_reason(e))))
+            return
+        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
+            kind='pdf', pages=pages, bytes_read=self._sandbox.bytes_read)))
+        yield PdfDocument(ref, pages)
+
+
+class ReadPdfChunks(_SandboxDoFn, RestrictionProvider):
+    """Splittable DoFn: PdfDocument -> Chunks of the pages in [start, stop).
+
+    Chunk offsets are characters of the page's extracted text, pages are 1-based. A page that
+    fails is an error record with its page number; the other pages are still ingested. An
+    image-only page is OCR'd with --ocr tesseract, else recorded as `ocr_needed`.
+    """
+
+    def __init__(self, settings: ChunkerSettings, options: PdfOptions, store_config: StoreConfig):
+        super().__init__(options, store_config)
+        self._settings = settings
+        self._pages = Metrics.counter('ragbeam', 'pdf_pages')
+
+    def initial_restriction(self, doc: PdfDocument) -> OffsetRange:
+        return OffsetRange(0, doc.pages)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return OffsetRestrictionTracker(restriction)
+
+    def split(self, doc: PdfDocument, restriction: OffsetRange) -> Iterator[OffsetRange]:
+        return restriction.split(self._options.pages_per_split)
+
+    def restriction_size(self, doc: PdfDocument, restriction: OffsetRange) -> int:
+        """Remaining pages, weighted by the object's bytes per page (what autoscaling reads)."""
+        return restriction.size() * max(1, doc.ref.size // max(1, doc.pages))
+
+    def process(self, doc: PdfDocument, tracker=beam.DoFn.RestrictionParam()):
+        ref = doc.ref
+        stats = _PageTally()
+        try:
+            self._open(ref)
+        except (PdfError, OSError) as e:
+            finish_restriction(tracker)
+            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'open', e))
+            stats.status, stats.reason = 'failed', open_failure_reason(e)
+            stats.errors += 1
+        else:
+            first = tracker.current_restriction().start
+            for index in itertools.count(first):
+                if not tracker.try_claim(index):
+                    break
+                yield from self._page_chunks(ref, index, stats)
+            self._pages.inc(tracker.current_restriction().stop - first)
+        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
+            kind='pdf', chunks=stats.chunks, errors=stats.errors, ocr_needed=stats.ocr_needed,
+            bytes_read=self._sandbox.bytes_read, status=stats.status, reason=stats.reason)))
+
+    def _page_chunks(self, ref: ObjectRef, index: int, stats: '_PageTally') -> Iterator:
+        page = index + 1
+        try:
+            text, has_images = self._sandbox.page(index)
+            if is_blank(text) and has_images:
+                if self._options.ocr != 'tesseract':
+                    stats.ocr_needed += 1
+                    yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+                        uri=ref.uri, stage='ocr', error_type='ocr_needed', version=ref.version,
+                        page=page, message='the page has images but no text layer; run with --ocr tesseract'))
+                    return
+                text = self._ocr(index)
+        except (PdfError, OSError) as e:
+            stats.errors += 1
+            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'extract', e, page))
+            return
+        tag = self._settings.tag()
+        for start, end in text_spans(text, self._settings):
+            piece = text[start:end]
+            if is_blank(piece):
+                continue
+            cid, id64 = chunk_id(ref.uri, ref.version, page, start, end, tag)
+            stats.chunks += 1
+            yield Chunk(cid, id64, ref.uri, ref.version, 'pdf', page, start, end, piece, None)
+
+    def _ocr(self, index: int) -> str:
+        """Text of a scanned page: each image of the page through tesseract."""
+        import pytesseract
+        from PIL import Image
+
+        try:
+            return '\n'.join(pytesseract.image_to_string(Image.open(io.BytesIO(png)))
+                             for png in self._sandbox.page_images(index))
+        except (pytesseract.TesseractError, pytesseract.TesseractNotFoundError) as e:
+            raise PdfError(type(e).__name__, str(e))
+
+
+@dataclass
+class _PageTally:
+    chunks: int = 0
+    errors: int = 0
+    ocr_needed: int = 0
+    status: Optional[str] = None
+    reason: Optional[str] = None
