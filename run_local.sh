@@ -6,6 +6,19 @@ cd "$(dirname "$0")"
 VENV="${RAGBEAM_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
+system_packages() {
+    # OCR (--ocr tesseract) and JBIG2 images need programs that pip cannot install.
+    command -v tesseract >/dev/null && command -v jbig2dec >/dev/null && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "run_local: installing tesseract-ocr and jbig2dec with apt-get"
+        (apt-get install -y -q tesseract-ocr jbig2dec >/dev/null 2>&1 ||
+         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tesseract-ocr jbig2dec >/dev/null 2>&1; }) ||
+            echo "run_local: could not install tesseract-ocr; OCR stays unavailable" >&2
+    else
+        echo "run_local: for OCR, install tesseract-ocr and jbig2dec (e.g. sudo apt-get install tesseract-ocr jbig2dec)" >&2
+    fi
+}
+
 setup() {
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     local stamp="$VENV/.ragbeam-installed" want
@@ -22,6 +35,7 @@ setup
 case "${1:-sample}" in
     test)
         shift
+        system_packages
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     sample)

@@ -13,7 +13,9 @@ setup(
     install_requires=[
         'apache-beam[gcp,aws]==2.77.0',
         'pyarrow>=17',
-        'pypdf>=5',
+        'pypdf[crypto]>=6',
+        'pillow',
+        'pytesseract',
         'boto3',
         'psutil',
         'faiss-cpu>=1.8',

@@ -48,13 +48,13 @@ def test_bad_objects_are_accounted_for_and_the_run_goes_on(tmp_path):
     assert rows['binary.bin']['reason'].startswith('undecodable')
     assert rows['big.txt']['status'] == 'skipped' and 'max-object-bytes' in rows['big.txt']['reason']
     assert rows['report.PDF']['status'] == 'failed' and rows['report.PDF']['kind'] == 'pdf'
-    assert rows['report.PDF']['reason'].startswith('unreadable pdf: PdfReadError')
+    assert rows['report.PDF']['reason'].startswith('unreadable pdf: PdfStreamError')
     errors = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
               for line in f.read_text().splitlines()]
     assert [(e['stage'], e['error_type']) for e in errors if e['uri'].endswith('binary.bin')] == [
         ('decode', 'UndecodableError')]
     assert [(e['stage'], e['error_type']) for e in errors if e['uri'].endswith('.PDF')] == [
-        ('open', 'PdfReadError')]
+        ('open', 'PdfStreamError')]
     report = json.loads((out / 'report.json').read_text())
     assert (report['objects_ok'], report['objects_failed'], report['objects_skipped']) == (1, 2, 1)
     assert report['bytes_skipped'] == 5000

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import apache_beam as beam
-from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.core import RestrictionProvider
 
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
-from transforms.read_text import ERRORS, STATS, finish_restriction, is_blank, read_failure_reason
+from transforms.read_text import (ERRORS, STATS, OffsetRangeSplits, finish_restriction, is_blank,
+                                  read_failure_reason)
 from transforms.store import StoreConfig, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
@@ -96,7 +96,7 @@ class OpenPdfs(_SandboxDoFn):
         yield PdfDocument(ref, pages)
 
 
-class ReadPdfChunks(_SandboxDoFn, RestrictionProvider):
+class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
     """Splittable DoFn: PdfDocument -> Chunks of the pages in [start, stop).
 
     Chunk offsets are characters of the page's extracted text, pages are 1-based. A page that
@@ -107,16 +107,11 @@ class ReadPdfChunks(_SandboxDoFn, RestrictionProvider):
     def __init__(self, settings: ChunkerSettings, options: PdfOptions, store_config: StoreConfig):
         super().__init__(options, store_config)
         self._settings = settings
+        self.split_size = options.pages_per_split
         self._pages = Metrics.counter('ragbeam', 'pdf_pages')
 
     def initial_restriction(self, doc: PdfDocument) -> OffsetRange:
         return OffsetRange(0, doc.pages)
-
-    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
-
-    def split(self, doc: PdfDocument, restriction: OffsetRange) -> Iterator[OffsetRange]:
-        return restriction.split(self._options.pages_per_split)
 
     def restriction_size(self, doc: PdfDocument, restriction: OffsetRange) -> int:
         """Remaining pages, weighted by the object's bytes per page (what autoscaling reads)."""

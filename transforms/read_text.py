@@ -79,7 +79,18 @@ def looks_like_pdf(uri: str, head: bytes = b'') -> bool:
     return uri.lower().endswith('.pdf') or PDF_MAGIC in head[:1024]
 
 
-class ReadTextChunks(beam.DoFn, RestrictionProvider):
+class OffsetRangeSplits(RestrictionProvider):
+    """Restrictions that are OffsetRanges, first split into pieces of `split_size` offsets."""
+    split_size: int
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return OffsetRestrictionTracker(restriction)
+
+    def split(self, element, restriction: OffsetRange) -> Iterator[OffsetRange]:
+        return restriction.split(self.split_size)
+
+
+class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
     """Splittable DoFn: ObjectRef -> Chunks, restricted to the byte range [start, stop).
 
     Outputs chunks on the main output, ErrorRecords on 'errors', (uri, ObjectStats) on
@@ -92,19 +103,13 @@ class ReadTextChunks(beam.DoFn, RestrictionProvider):
         self._settings = settings
         self._store_config = store_config
         self._window = window_bytes
-        self._split = split_bytes
+        self.split_size = split_bytes
         self._bytes_read = Metrics.counter('ragbeam', 'bytes_read')
         self._chunks = Metrics.counter('ragbeam', 'chunks')
 
     # RestrictionProvider: the restriction is a byte range of the object.
     def initial_restriction(self, ref: ObjectRef) -> OffsetRange:
         return OffsetRange(0, ref.size)
-
-    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
-
-    def split(self, ref: ObjectRef, restriction: OffsetRange) -> Iterator[OffsetRange]:
-        return restriction.split(self._split)
 
     def restriction_size(self, ref: ObjectRef, restriction: OffsetRange) -> int:
         return restriction.size()

@@ -141,13 +141,54 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _expected_length(ref: ObjectRef, start: int, end: int) -> int:
-    return max(0, min(end, ref.size) - start)
+class BucketStore(Store):
+    """What S3 and GCS share: glob listing page by page, exact ranged reads with retries."""
+    scheme = ''
+
+    def __init__(self, config: StoreConfig):
+        self._config = config
+
+    def list(self, pattern: str) -> Iterator[ObjectRef]:
+        bucket, key_pattern = split_uri(pattern)
+        prefix, matches = glob_to_prefix(key_pattern)
+        token = None
+        while True:
+            objects, token = retrying(self._config, f'list {pattern}',
+                                      lambda: self._page(pattern, bucket, prefix, token))
+            for key, size, version in objects:
+                if matches(key) and not key.endswith('/'):
+                    yield ObjectRef(f'{self.scheme}://{bucket}/{key}', size, version)
+            if not token:
+                return
+
+    def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        want = max(0, min(end, ref.size) - start)
+        if want == 0:
+            return b''
+        bucket, key = split_uri(ref.uri)
+        what = f'read {ref.uri} [{start}, {start + want})'
+
+        def get() -> bytes:
+            data = self._get(ref, bucket, key, start, start + want - 1)
+            if len(data) != want:
+                raise TransientError(f'{what} returned {len(data)} bytes')
+            return data
+
+        return retrying(self._config, what, get)
+
+    def _page(self, pattern: str, bucket: str, prefix: str, token: Optional[str]
+              ) -> tuple[list[tuple[str, int, str]], Optional[str]]:
+        """One page of (key, size, version) under prefix, and the next page's token."""
+        raise NotImplementedError
+
+    def _get(self, ref: ObjectRef, bucket: str, key: str, first: int, last: int) -> bytes:
+        """Bytes first..last (inclusive) of the listed version; TransientError to retry."""
+        raise NotImplementedError
 
 
-class S3Store(Store):
+class S3Store(BucketStore):
     """S3 and S3-compatible stores through one boto3 client (retries are ours, not botocore's)."""
-
+    scheme = 's3'
     _RETRY_CODES = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
                     'RequestTimeTooSkewed', 'InternalError', 'ServiceUnavailable', '500', '502',
                     '503', '504'}
@@ -156,49 +197,28 @@ class S3Store(Store):
         import boto3
         from botocore.config import Config
 
-        self._config = config
+        super().__init__(config)
         self._client = boto3.session.Session().client(
             's3', endpoint_url=config.s3_endpoint_url, region_name=config.s3_region,
             config=Config(retries={'total_max_attempts': 1, 'mode': 'standard'},
                           s3={'addressing_style': 'path' if config.s3_path_style else 'auto'},
                           max_pool_connections=32, connect_timeout=10, read_timeout=60))
 
-    def list(self, pattern: str) -> Iterator[ObjectRef]:
-        bucket, key_pattern = split_uri(pattern)
-        prefix, matches = glob_to_prefix(key_pattern)
-        token = None
-        while True:
-            kwargs = {'Bucket': bucket, 'Prefix': prefix, 'MaxKeys': 1000}
-            if token:
-                kwargs['ContinuationToken'] = token
-            page = retrying(self._config, f'list {pattern}',
-                            lambda: self._call(pattern, self._client.list_objects_v2, **kwargs))
-            for obj in page.get('Contents', ()):
-                key = obj['Key']
-                if matches(key) and not key.endswith('/'):
-                    yield ObjectRef(f's3://{bucket}/{key}', obj['Size'], obj['ETag'].strip('"'))
-            token = page.get('NextContinuationToken')
-            if not page.get('IsTruncated') or not token:
-                return
+    def _page(self, pattern, bucket, prefix, token):
+        kwargs = {'Bucket': bucket, 'Prefix': prefix, 'MaxKeys': 1000}
+        if token:
+            kwargs['ContinuationToken'] = token
+        page = self._call(pattern, self._client.list_objects_v2, **kwargs)
+        objects = [(o['Key'], o['Size'], o['ETag'].strip('"')) for o in page.get('Contents', ())]
+        return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
-    def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        want = _expected_length(ref, start, end)
-        if want == 0:
-            return b''
-        bucket, key = split_uri(ref.uri)
-
-        def get() -> bytes:
-            resp = self._call(ref.uri, self._client.get_object, Bucket=bucket, Key=key,
-                              Range=f'bytes={start}-{start + want - 1}', IfMatch=f'"{ref.version}"')
-            try:
-                data = resp['Body'].read()
-            except Exception as e:  # a connection cut mid-body surfaces as many classes
-                raise TransientError(f'body of {ref.uri} [{start}, {start + want}) cut: {e}') from e
-            if len(data) != want:
-                raise TransientError(f'{ref.uri} [{start}, {start + want}) returned {len(data)} bytes')
-            return data
-
-        return retrying(self._config, f'read {ref.uri} [{start}, {start + want})', get)
+    def _get(self, ref, bucket, key, first, last):
+        resp = self._call(ref.uri, self._client.get_object, Bucket=bucket, Key=key,
+                          Range=f'bytes={first}-{last}', IfMatch=f'"{ref.version}"')
+        try:
+            return resp['Body'].read()
+        except Exception as e:  # a connection cut mid-body surfaces as many classes
+            raise TransientError(f'body of {ref.uri} [{first}, {last + 1}) cut: {e}') from e
 
     def _call(self, uri: str, method, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -221,54 +241,33 @@ class S3Store(Store):
             raise TransientError(f'{type(e).__name__}: {e}') from e
 
 
-class GCSStore(Store):
+class GCSStore(BucketStore):
     """Google Cloud Storage through one google-cloud-storage client, pinned to generations."""
+    scheme = 'gs'
 
     def __init__(self, config: StoreConfig):
         from google.cloud import storage
 
-        self._config = config
+        super().__init__(config)
         if os.environ.get('STORAGE_EMULATOR_HOST'):
             from google.auth.credentials import AnonymousCredentials
             self._client = storage.Client(project='emulator', credentials=AnonymousCredentials())
         else:
             self._client = storage.Client()
 
-    def list(self, pattern: str) -> Iterator[ObjectRef]:
-        bucket, key_pattern = split_uri(pattern)
-        prefix, matches = glob_to_prefix(key_pattern)
-        token = None
-        while True:
-            def page(token=token):
-                listing = self._client.list_blobs(bucket, prefix=prefix, page_size=1000,
-                                                  page_token=token, retry=None)
-                blobs = list(next(listing.pages, ()))
-                return blobs, listing.next_page_token
+    def _page(self, pattern, bucket, prefix, token):
+        def page():
+            listing = self._client.list_blobs(bucket, prefix=prefix, page_size=1000,
+                                              page_token=token, retry=None)
+            blobs = [(b.name, b.size, str(b.generation)) for b in next(listing.pages, ())]
+            return blobs, listing.next_page_token
+        return self._call(pattern, page)
 
-            blobs, token = retrying(self._config, f'list {pattern}',
-                                    lambda: self._call(pattern, page))
-            for blob in blobs:
-                if matches(blob.name) and not blob.name.endswith('/'):
-                    yield ObjectRef(f'gs://{bucket}/{blob.name}', blob.size, str(blob.generation))
-            if not token:
-                return
-
-    def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        want = _expected_length(ref, start, end)
-        if want == 0:
-            return b''
-        bucket, key = split_uri(ref.uri)
+    def _get(self, ref, bucket, key, first, last):
         blob = self._client.bucket(bucket).blob(key)
-
-        def get() -> bytes:
-            data = self._call(ref.uri, lambda: blob.download_as_bytes(
-                start=start, end=start + want - 1, if_generation_match=int(ref.version),
-                checksum=None, retry=None))
-            if len(data) != want:
-                raise TransientError(f'{ref.uri} [{start}, {start + want}) returned {len(data)} bytes')
-            return data
-
-        return retrying(self._config, f'read {ref.uri} [{start}, {start + want})', get)
+        return self._call(ref.uri, lambda: blob.download_as_bytes(
+            start=first, end=last, if_generation_match=int(ref.version), checksum=None,
+            retry=None))
 
     @staticmethod
     def _call(uri: str, call: Callable[[], T]) -> T:

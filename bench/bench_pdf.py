@@ -1,0 +1,453 @@
+"""PDF pages per second of ragbeam against a plain pypdf loop, and ragbeam's peak RSS by PDF size.
+
+    .venv/bin/python -m bench.bench_pdf [--pages 600] [--rss-pages 100,300,900]
+                                        [--corpus /work/shared/corpus/pdf] [--workdir DIR] [--out DIR]
+
+Every run is a measured subprocess (wall time, peak RSS summed over its process tree):
+
+- throughput, on one generated PDF of --pages pages (bench.generate.write_pdf: one line of
+  text and an incompressible ~400 KB image per page) and on the --corpus folder as it is
+  (broken and encrypted PDFs, and the slow pdfjs-issue6961.pdf, included), by
+  - ragbeam, 2 workers: `ragbeam run --input PATH --output DIR --embedder hash --index-type none
+    --pdf-page-timeout 300 --direct_num_workers 2 --direct_running_mode multi_processing`,
+  - ragbeam, 1 worker: the same without the two --direct_* flags,
+  - plain pypdf: the `plain` sub-command of this script, one process, one file after another:
+    PdfReader, decrypt('') when encrypted (the file is skipped when that fails), then
+    page.extract_text() for every page in try/except.
+  Pages/s is pages / wall seconds of the whole process; ragbeam's pages are the sum of the
+  manifest's `pages` column over objects with status ok, the plain loop's the pages whose
+  extract_text() returned.
+- peak RSS, ragbeam with its default flags (1 worker) on generated PDFs of --rss-pages pages.
+
+Prints a table, then the targets (reported, never asserted): ragbeam with 2 workers >= 1.7x
+the plain loop's pages/s on the generated PDF; ragbeam's peak RSS flat across PDF sizes
+(largest / smallest <= 1.3) and <= 512 MB. Writes OUT/pdf.json and OUT/pdf.png.
+
+    .venv/bin/python -m bench.bench_pdf plain --input FILE_OR_DIR
+
+runs the plain loop alone and prints {"pages": N, ...} as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench.generate import write_pdf
+from bench.measure import run_measured
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+CORPUS = '/work/shared/corpus/pdf'
+PAGE_TIMEOUT = 300  # seconds: high enough that no page of the corpus is cut off
+
+# Targets (reported, not asserted)
+SPEEDUP_TARGET = 1.7
+RSS_LIMIT_MB = 512.0
+RSS_GROWTH_LIMIT = 1.3
+
+RAGBEAM_2 = 'ragbeam 2 workers'
+RAGBEAM_1 = 'ragbeam 1 worker'
+PLAIN = 'plain pypdf'
+RUNNERS = (RAGBEAM_2, RAGBEAM_1, PLAIN)
+THROUGHPUT = 'throughput'
+RSS = 'rss'
+
+
+@dataclass
+class Result:
+    """One measured run of one runner on one input (a PDF or a folder of PDFs).
+
+    `pages` is what pages/s is computed from (see the module docstring). `page_errors` are
+    ragbeam's extract error records, or the plain loop's extract_text() exceptions; those
+    pages are in ragbeam's `pages` but not in the plain loop's. `pipeline_seconds` is the
+    wall time ragbeam writes to its report.json, `extract_seconds` the plain loop's own timing
+    of its work (after imports).
+    """
+    experiment: str
+    input_label: str
+    size_bytes: int
+    files: int
+    runner: str
+    returncode: int
+    wall_seconds: float
+    pages: int
+    pages_per_s: float
+    peak_rss_mb: float
+    page_errors: int
+    files_ok: int
+    files_failed: int
+    chunks: Optional[int] = None
+    bytes_read: Optional[int] = None
+    pipeline_seconds: Optional[float] = None
+    extract_seconds: Optional[float] = None
+
+
+# ---------------------------------------------------------------- the plain loop
+
+def pdf_files(path: str) -> list[str]:
+    """The PDF at `path`, or the PDFs in the folder `path`, sorted."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, '*.pdf')))
+    return [path]
+
+
+def plain_file(path: str) -> tuple[int, int, bool]:
+    """(pages extracted, pages whose extract_text raised, whether the file opened) of one PDF."""
+    from pypdf import PdfReader
+
+    pages = errors = 0
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted and not reader.decrypt(''):
+            return 0, 0, False
+        for page in reader.pages:
+            try:
+                page.extract_text()
+                pages += 1
+            except Exception:
+                errors += 1
+    except Exception:  # a file pypdf cannot open or whose page tree breaks: skipped
+        return pages, errors, False
+    return pages, errors, True
+
+
+def run_plain(path: str) -> None:
+    """The plain single-process loop over `path`; prints its counts and seconds as JSON."""
+    import pypdf
+
+    logging.getLogger('pypdf').setLevel(logging.CRITICAL)  # its warnings on broken files
+    started = time.perf_counter()
+    pages = errors = ok = failed = 0
+    for file in pdf_files(path):
+        n, e, opened = plain_file(file)
+        pages, errors = pages + n, errors + e
+        ok, failed = ok + opened, failed + (not opened)
+    print(json.dumps({'pages': pages, 'page_errors': errors, 'files_ok': ok,
+                      'files_failed': failed, 'seconds': time.perf_counter() - started,
+                      'pypdf': pypdf.__version__}))
+
+
+# ---------------------------------------------------------------- inputs
+
+def generated_pdf(workdir: str, pages: int) -> str:
+    """A generated PDF of `pages` pages, reused when already there."""
+    path = os.path.join(workdir, f'pdf-{pages}p.pdf')
+    if not os.path.exists(path):
+        print(f'generating {path} ({pages} pages)', flush=True)
+        write_pdf(path + '.part', pages)
+        os.replace(path + '.part', path)
+    return path
+
+
+def warm_cache(path: str) -> None:
+    """Reads every file of the input once so that every run finds it in the page cache."""
+    for file in pdf_files(path):
+        with open(file, 'rb') as f:
+            while f.read(64 * MB):
+                pass
+
+
+def input_size(path: str) -> tuple[int, int]:
+    """(bytes, files) of a PDF or a folder of PDFs."""
+    files = pdf_files(path)
+    return sum(os.path.getsize(f) for f in files), len(files)
+
+
+# ---------------------------------------------------------------- measuring
+
+def ragbeam_command(path: str, output: str, workers: int, page_timeout: Optional[int]) -> list[str]:
+    """`ragbeam run` on `path`; 2 workers adds the multi-processing direct_* flags."""
+    ragbeam = str(Path(sys.executable).with_name('ragbeam'))
+    cmd = [ragbeam, 'run', '--input', path, '--output', output,
+           '--embedder', 'hash', '--index-type', 'none']
+    if page_timeout is not None:
+        cmd += ['--pdf-page-timeout', str(page_timeout)]
+    if workers > 1:
+        cmd += ['--direct_num_workers', str(workers), '--direct_running_mode', 'multi_processing']
+    return cmd
+
+
+def ragbeam_counts(output: str) -> dict:
+    """Pages of ok objects, object and error counts and report.json figures of one run."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    manifest = ds.dataset(os.path.join(output, 'manifest'), format='parquet').to_table(
+        columns=['status', 'pages'])
+    ok = pc.equal(manifest.column('status'), 'ok')
+    pages = pc.sum(pc.filter(manifest.column('pages'), ok)).as_py() or 0
+    errors_dir = os.path.join(output, 'errors')
+    page_errors = 0
+    if glob.glob(os.path.join(errors_dir, '*.parquet')):
+        errors = ds.dataset(errors_dir, format='parquet').to_table(columns=['stage'])
+        page_errors = pc.sum(pc.equal(errors.column('stage'), 'extract').cast('int64')).as_py() or 0
+    with open(os.path.join(output, 'report.json')) as f:
+        report = json.load(f)
+    return {'pages': pages, 'page_errors': page_errors,
+            'files_ok': pc.sum(ok.cast('int64')).as_py() or 0,
+            'files_failed': manifest.num_rows - (pc.sum(ok.cast('int64')).as_py() or 0),
+            'chunks': report.get('chunks'), 'bytes_read': report.get('bytes_read'),
+            'pipeline_seconds': report.get('wall_seconds')}
+
+
+def measure_ragbeam(experiment: str, label: str, path: str, workdir: str, workers: int,
+                    page_timeout: Optional[int]) -> Result:
+    """One measured ragbeam run; its output is read, then deleted."""
+    runner = RAGBEAM_2 if workers > 1 else RAGBEAM_1
+    output = os.path.join(workdir, 'out')
+    shutil.rmtree(output, ignore_errors=True)
+    try:
+        m = run_measured(ragbeam_command(path, output, workers, page_timeout), cwd=REPO)
+        counts = ragbeam_counts(output) if m.returncode == 0 else {}
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    if m.returncode != 0:
+        print(f'{runner} on {label} exited with {m.returncode}:\n{m.output[-4000:]}', flush=True)
+    return _result(experiment, label, path, runner, m, counts)
+
+
+def measure_plain(experiment: str, label: str, path: str) -> Result:
+    """One measured run of the `plain` sub-command."""
+    m = run_measured([sys.executable, '-m', 'bench.bench_pdf', 'plain', '--input', path],
+                     cwd=REPO)
+    counts = {}
+    if m.returncode == 0:
+        counts = json.loads(m.output.strip().splitlines()[-1])
+        counts['extract_seconds'] = round(counts.pop('seconds'), 2)
+        counts.pop('pypdf')
+    else:
+        print(f'{PLAIN} on {label} exited with {m.returncode}:\n{m.output[-4000:]}', flush=True)
+    return _result(experiment, label, path, PLAIN, m, counts)
+
+
+def _result(experiment: str, label: str, path: str, runner: str, m, counts: dict) -> Result:
+    size, files = input_size(path)
+    pages = counts.pop('pages', 0)
+    return Result(experiment, label, size, files, runner, m.returncode, round(m.wall_seconds, 2),
+                  pages, round(pages / m.wall_seconds, 2), round(m.peak_rss_mb, 1),
+                  counts.pop('page_errors', 0), counts.pop('files_ok', 0),
+                  counts.pop('files_failed', 0), **counts)
+
+
+def _show(r: Result) -> None:
+    print(f'{r.input_label}: {r.runner}: {r.wall_seconds:.2f} s, {r.pages} pages, '
+          f'{r.pages_per_s:.2f} pages/s, peak RSS {r.peak_rss_mb:.1f} MB, rc {r.returncode}',
+          flush=True)
+
+
+def throughput_runs(label: str, path: str, workdir: str, page_timeout: int) -> list[Result]:
+    """ragbeam with 2 workers, with 1, and the plain loop, on one input."""
+    warm_cache(path)
+    results = []
+    for runner in RUNNERS:
+        if runner == PLAIN:
+            r = measure_plain(THROUGHPUT, label, path)
+        else:
+            r = measure_ragbeam(THROUGHPUT, label, path, workdir,
+                                2 if runner == RAGBEAM_2 else 1, page_timeout)
+        _show(r)
+        results.append(r)
+    return results
+
+
+def rss_runs(pages: Sequence[int], workdir: str) -> list[Result]:
+    """ragbeam with its default flags (1 worker) on a generated PDF of each page count."""
+    results = []
+    for n in pages:
+        path = generated_pdf(workdir, n)
+        warm_cache(path)
+        r = measure_ragbeam(RSS, f'{n} pages', path, workdir, 1, None)
+        _show(r)
+        results.append(r)
+    return results
+
+
+# ---------------------------------------------------------------- reporting
+
+def summary(results: list[Result], big_label: str) -> dict:
+    """Pages/s ratios per input, the speed-up target on the big PDF, and the RSS targets."""
+    by = {(r.runner, r.input_label): r for r in results if r.experiment == THROUGHPUT}
+    ratios = {}
+    for label in dict.fromkeys(l for _, l in by):
+        plain, two, one = by[(PLAIN, label)], by[(RAGBEAM_2, label)], by[(RAGBEAM_1, label)]
+        ratios[label] = {
+            'ragbeam_2_over_plain': _ratio(two.pages_per_s, plain.pages_per_s),
+            'ragbeam_1_over_plain': _ratio(one.pages_per_s, plain.pages_per_s),
+            'ragbeam_2_over_1': _ratio(two.pages_per_s, one.pages_per_s),
+        }
+    speedup = ratios.get(big_label, {}).get('ragbeam_2_over_plain')
+    rss = sorted((r for r in results if r.experiment == RSS), key=lambda r: r.size_bytes)
+    growth = _ratio(rss[-1].peak_rss_mb, rss[0].peak_rss_mb) if len(rss) > 1 else None
+    return {
+        'throughput': ratios,
+        'speedup': {'input': big_label, 'ragbeam_2_over_plain': speedup,
+                    'target': SPEEDUP_TARGET,
+                    'target_met': None if speedup is None else speedup >= SPEEDUP_TARGET},
+        'rss': {
+            'smallest': rss[0].input_label if rss else None,
+            'largest': rss[-1].input_label if rss else None,
+            'peak_rss_mb_largest': rss[-1].peak_rss_mb if rss else None,
+            'max_peak_rss_mb': max((r.peak_rss_mb for r in rss), default=None),
+            'limit_mb': RSS_LIMIT_MB,
+            'limit_met': all(r.peak_rss_mb <= RSS_LIMIT_MB for r in rss) if rss else None,
+            'growth_largest_over_smallest': growth,
+            'growth_limit': RSS_GROWTH_LIMIT,
+            'growth_met': None if growth is None else growth <= RSS_GROWTH_LIMIT,
+        },
+        'all_runs_ok': all(r.returncode == 0 for r in results),
+    }
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return round(a / b, 3) if b else None
+
+
+def _met(flag: Optional[bool]) -> str:
+    return 'n/a' if flag is None else ('met' if flag else 'NOT met')
+
+
+def print_table(results: list[Result], summ: dict) -> None:
+    """Every run, then the ratios per input and whether each target is met."""
+    print(f"\n{'experiment':>10} {'input':>22} {'MB':>7} {'runner':>17} {'wall s':>8} "
+          f"{'pages':>6} {'pages/s':>8} {'page err':>8} {'files ok/failed':>15} "
+          f"{'peak RSS MB':>11} {'rc':>3}")
+    for r in results:
+        files = f'{r.files_ok}/{r.files_failed}'
+        print(f'{r.experiment:>10} {r.input_label:>22} {r.size_bytes / MB:>7.1f} {r.runner:>17} '
+              f'{r.wall_seconds:>8.2f} {r.pages:>6} {r.pages_per_s:>8.2f} {r.page_errors:>8} '
+              f'{files:>15} {r.peak_rss_mb:>11.1f} {r.returncode:>3}')
+    print()
+    for label, t in summ['throughput'].items():
+        print(f"{label}: pages/s ragbeam 2 workers / plain {t['ragbeam_2_over_plain']}, "
+              f"1 worker / plain {t['ragbeam_1_over_plain']}, "
+              f"2 workers / 1 worker {t['ragbeam_2_over_1']}")
+    s = summ['speedup']
+    print(f"speed-up on {s['input']}: ragbeam 2 workers / plain {s['ragbeam_2_over_plain']} "
+          f"(target >= {SPEEDUP_TARGET}: {_met(s['target_met'])})")
+    rss = summ['rss']
+    if rss['largest'] is not None:
+        print(f"ragbeam 1 worker max peak RSS {rss['max_peak_rss_mb']:.1f} MB "
+              f"(target <= {RSS_LIMIT_MB:.0f} MB: {_met(rss['limit_met'])})")
+        print(f"ragbeam 1 worker peak RSS {rss['largest']} / {rss['smallest']}: "
+              f"{rss['growth_largest_over_smallest']} "
+              f"(target <= {RSS_GROWTH_LIMIT}: {_met(rss['growth_met'])})")
+
+
+def write_chart(results: list[Result], path: str) -> None:
+    """Pages/s per input for the three runners; ragbeam's peak RSS against PDF size."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    by = {(r.runner, r.input_label): r for r in results if r.experiment == THROUGHPUT}
+    labels = list(dict.fromkeys(l for _, l in by))
+    fig, (speed, mem) = plt.subplots(1, 2, figsize=(12, 4.8))
+    width = 0.8 / len(RUNNERS)
+    for i, runner in enumerate(RUNNERS):
+        xs = [j + (i - (len(RUNNERS) - 1) / 2) * width for j in range(len(labels))]
+        bars = speed.bar(xs, [by[(runner, l)].pages_per_s for l in labels], width, label=runner)
+        speed.bar_label(bars, fmt='%.1f', fontsize=8)
+    speed.set_xticks(range(len(labels)), [
+        f'{l}\n{by[(PLAIN, l)].size_bytes / MB:.0f} MB, {by[(PLAIN, l)].files} file(s)'
+        for l in labels])
+    speed.set_ylabel('pages / wall second')
+    speed.set_title('Pages per second (whole process)')
+    speed.legend()
+    rss = sorted((r for r in results if r.experiment == RSS), key=lambda r: r.size_bytes)
+    xs = [r.size_bytes / MB for r in rss]
+    mem.plot(xs, [r.peak_rss_mb for r in rss], marker='o', label=RAGBEAM_1 + ' (default flags)')
+    for r, x in zip(rss, xs):
+        mem.annotate(f'{r.input_label}\n{r.peak_rss_mb:.0f} MB', (x, r.peak_rss_mb),
+                     textcoords='offset points', xytext=(0, 8), ha='center', fontsize=8)
+    mem.axhline(RSS_LIMIT_MB, color='grey', linestyle='--', linewidth=1,
+                label=f'target {RSS_LIMIT_MB:.0f} MB')
+    mem.set_ylim(0, max([RSS_LIMIT_MB] + [r.peak_rss_mb for r in rss]) * 1.2)
+    mem.set_xlabel('PDF size (MB)')
+    mem.set_ylabel('peak RSS of the process tree (MB)')
+    mem.set_title('ragbeam peak RSS vs PDF size')
+    mem.legend(loc='lower right')
+    fig.suptitle('PDFs: ragbeam (hash embedder, FnApiRunner) vs a plain pypdf loop')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: list[Result], summ: dict, out: str, corpus: str) -> None:
+    """OUT/pdf.json (every run, the summary, the machine) and OUT/pdf.png."""
+    import apache_beam as beam
+    import pypdf
+
+    os.makedirs(out, exist_ok=True)
+    report = {
+        'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
+                    'platform': platform.platform(), 'beam': beam.__version__,
+                    'pypdf': pypdf.__version__},
+        'mb': MB,
+        'corpus': corpus,
+        'page_timeout_seconds': PAGE_TIMEOUT,
+        'runs': [asdict(r) for r in results],
+        'summary': summ,
+    }
+    with open(os.path.join(out, 'pdf.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    write_chart(results, os.path.join(out, 'pdf.png'))
+    print(f'\nwrote {out}/pdf.json and {out}/pdf.png')
+
+
+# ---------------------------------------------------------------- command line
+
+def bench(pages: int, rss_pages: Sequence[int], corpus: Optional[str], workdir: str,
+          out: str) -> int:
+    """Throughput on the generated PDF and the corpus, then RSS by size; 1 when a run failed."""
+    os.makedirs(workdir, exist_ok=True)
+    big_label = f'generated {pages} pages'
+    results = throughput_runs(big_label, generated_pdf(workdir, pages), workdir, PAGE_TIMEOUT)
+    if corpus:
+        results += throughput_runs(f'corpus {os.path.basename(corpus.rstrip("/"))}', corpus,
+                                   workdir, PAGE_TIMEOUT)
+    results += rss_runs(rss_pages, workdir)
+    summ = summary(results, big_label)
+    print_table(results, summ)
+    write_report(results, summ, out, corpus)
+    return 0 if summ['all_runs_ok'] else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='bench.bench_pdf', description=__doc__.split('\n')[0])
+    p.add_argument('--pages', type=int, default=600,
+                   help='pages of the generated PDF of the throughput runs (~400 KB each)')
+    p.add_argument('--rss-pages', default='100,300,900',
+                   help='comma-separated page counts of the generated PDFs of the RSS runs')
+    p.add_argument('--corpus', default=CORPUS,
+                   help="folder of real PDFs for the throughput runs ('' to leave out)")
+    p.add_argument('--workdir', default='/tmp/ragbeam-bench-pdf',
+                   help='where PDFs are generated (and reused) and outputs go while a run lasts')
+    p.add_argument('--out', default=str(REPO / 'bench' / 'results'),
+                   help='folder for pdf.json and pdf.png')
+    sub = p.add_subparsers(dest='command')
+    plain = sub.add_parser('plain', help='run the plain pypdf loop alone')
+    plain.add_argument('--input', required=True, metavar='FILE_OR_DIR')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == 'plain':
+        run_plain(args.input)
+        return 0
+    rss_pages = [int(n) for n in args.rss_pages.split(',') if n.strip()]
+    return bench(args.pages, rss_pages, args.corpus or None, args.workdir, args.out)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
