@@ -26,7 +26,9 @@ setup() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "run_local: installing ragbeam and its dependencies into $VENV (first time: a few minutes)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        # torch first and pinned: anything that asks for an unpinned torch would pull CUDA
+        "$VENV/bin/python" -m pip install -q torch==2.13.0
+        "$VENV/bin/python" -m pip install -q -e ".[test,minilm]"
         echo "$want" > "$stamp"
     fi
 }

@@ -1,7 +1,8 @@
 """PDF pages per second of ragbeam against a plain pypdf loop, and ragbeam's peak RSS by PDF size.
 
     .venv/bin/python -m bench.bench_pdf [--pages 600] [--rss-pages 100,300,900]
-                                        [--corpus /work/shared/corpus/pdf] [--workdir DIR] [--out DIR]
+                                        [--corpus /work/shared/corpus/pdf] [--wait-idle SECONDS]
+                                        [--workdir DIR] [--out DIR]
 
 Every run is a measured subprocess (wall time, peak RSS summed over its process tree):
 
@@ -18,6 +19,10 @@ Every run is a measured subprocess (wall time, peak RSS summed over its process 
   manifest's `pages` column over objects with status ok, the plain loop's the pages whose
   extract_text() returned.
 - peak RSS, ragbeam with its default flags (1 worker) on generated PDFs of --rss-pages pages.
+
+Before each run the machine's CPU use is sampled for a second (the `busy%` column): other
+processes share the cores with the run, and a warning is printed when they were more than
+10% busy (--wait-idle S first waits up to S seconds for them to be idle).
 
 Prints a table, then the targets (reported, never asserted): ragbeam with 2 workers >= 1.7x
 the plain loop's pages/s on the generated PDF; ragbeam's peak RSS flat across PDF sizes
@@ -54,6 +59,7 @@ PAGE_TIMEOUT = 300  # seconds: high enough that no page of the corpus is cut off
 SPEEDUP_TARGET = 1.7
 RSS_LIMIT_MB = 512.0
 RSS_GROWTH_LIMIT = 1.3
+BUSY_WARNING_PCT = 10.0  # cores busier than this before a run: its numbers are suspect
 
 RAGBEAM_2 = 'ragbeam 2 workers'
 RAGBEAM_1 = 'ragbeam 1 worker'
@@ -71,7 +77,9 @@ class Result:
     ragbeam's extract error records, or the plain loop's extract_text() exceptions; those
     pages are in ragbeam's `pages` but not in the plain loop's. `pipeline_seconds` is the
     wall time ragbeam writes to its report.json, `extract_seconds` the plain loop's own timing
-    of its work (after imports).
+    of its work (after imports). `busy_before_pct` is how busy the machine's cores were
+    (0-100) in the second before the run, when only other processes ran: those share the cores
+    with the run.
     """
     experiment: str
     input_label: str
@@ -90,6 +98,7 @@ class Result:
     bytes_read: Optional[int] = None
     pipeline_seconds: Optional[float] = None
     extract_seconds: Optional[float] = None
+    busy_before_pct: Optional[float] = None
 
 
 # ---------------------------------------------------------------- the plain loop
@@ -178,7 +187,7 @@ def ragbeam_command(path: str, output: str, workers: int, page_timeout: Optional
 
 
 def ragbeam_counts(output: str) -> dict:
-    """Pages of ok objects, object and error counts and report.json figures of one run."""
+    """Pages of ok objects, object and page-error counts and report.json figures of one run."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -186,26 +195,26 @@ def ragbeam_counts(output: str) -> dict:
         columns=['status', 'pages'])
     ok = pc.equal(manifest.column('status'), 'ok')
     pages = pc.sum(pc.filter(manifest.column('pages'), ok)).as_py() or 0
-    errors_dir = os.path.join(output, 'errors')
     page_errors = 0
-    if glob.glob(os.path.join(errors_dir, '*.parquet')):
-        errors = ds.dataset(errors_dir, format='parquet').to_table(columns=['stage'])
-        page_errors = pc.sum(pc.equal(errors.column('stage'), 'extract').cast('int64')).as_py() or 0
+    for name in glob.glob(os.path.join(output, 'errors', '*.jsonl')):  # JSON lines, if any
+        with open(name) as f:
+            page_errors += sum(json.loads(line).get('stage') == 'extract' for line in f if line.strip())
     with open(os.path.join(output, 'report.json')) as f:
         report = json.load(f)
-    return {'pages': pages, 'page_errors': page_errors,
-            'files_ok': pc.sum(ok.cast('int64')).as_py() or 0,
-            'files_failed': manifest.num_rows - (pc.sum(ok.cast('int64')).as_py() or 0),
+    files_ok = pc.sum(ok.cast('int64')).as_py() or 0
+    return {'pages': pages, 'page_errors': page_errors, 'files_ok': files_ok,
+            'files_failed': manifest.num_rows - files_ok,
             'chunks': report.get('chunks'), 'bytes_read': report.get('bytes_read'),
             'pipeline_seconds': report.get('wall_seconds')}
 
 
 def measure_ragbeam(experiment: str, label: str, path: str, workdir: str, workers: int,
-                    page_timeout: Optional[int]) -> Result:
+                    page_timeout: Optional[int], wait_idle: float) -> Result:
     """One measured ragbeam run; its output is read, then deleted."""
     runner = RAGBEAM_2 if workers > 1 else RAGBEAM_1
     output = os.path.join(workdir, 'out')
     shutil.rmtree(output, ignore_errors=True)
+    busy = machine_busy(wait_idle)
     try:
         m = run_measured(ragbeam_command(path, output, workers, page_timeout), cwd=REPO)
         counts = ragbeam_counts(output) if m.returncode == 0 else {}
@@ -213,11 +222,12 @@ def measure_ragbeam(experiment: str, label: str, path: str, workdir: str, worker
         shutil.rmtree(output, ignore_errors=True)
     if m.returncode != 0:
         print(f'{runner} on {label} exited with {m.returncode}:\n{m.output[-4000:]}', flush=True)
-    return _result(experiment, label, path, runner, m, counts)
+    return _result(experiment, label, path, runner, m, counts, busy)
 
 
-def measure_plain(experiment: str, label: str, path: str) -> Result:
+def measure_plain(experiment: str, label: str, path: str, wait_idle: float) -> Result:
     """One measured run of the `plain` sub-command."""
+    busy = machine_busy(wait_idle)
     m = run_measured([sys.executable, '-m', 'bench.bench_pdf', 'plain', '--input', path],
                      cwd=REPO)
     counts = {}
@@ -227,16 +237,32 @@ def measure_plain(experiment: str, label: str, path: str) -> Result:
         counts.pop('pypdf')
     else:
         print(f'{PLAIN} on {label} exited with {m.returncode}:\n{m.output[-4000:]}', flush=True)
-    return _result(experiment, label, path, PLAIN, m, counts)
+    return _result(experiment, label, path, PLAIN, m, counts, busy)
 
 
-def _result(experiment: str, label: str, path: str, runner: str, m, counts: dict) -> Result:
+def machine_busy(wait_idle: float = 0.0) -> float:
+    """CPU busy % over a second, sampled again for up to `wait_idle` seconds until the cores
+    are idle; with a warning when other work still keeps them busy."""
+    import psutil
+
+    deadline = time.monotonic() + wait_idle
+    busy = psutil.cpu_percent(interval=1.0)
+    while busy > BUSY_WARNING_PCT and time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=1.0)
+    if busy > BUSY_WARNING_PCT:
+        print(f'warning: the cores were {busy:.0f}% busy before this run: other processes '
+              f'share the machine', flush=True)
+    return busy
+
+
+def _result(experiment: str, label: str, path: str, runner: str, m, counts: dict,
+            busy: float) -> Result:
     size, files = input_size(path)
     pages = counts.pop('pages', 0)
     return Result(experiment, label, size, files, runner, m.returncode, round(m.wall_seconds, 2),
                   pages, round(pages / m.wall_seconds, 2), round(m.peak_rss_mb, 1),
                   counts.pop('page_errors', 0), counts.pop('files_ok', 0),
-                  counts.pop('files_failed', 0), **counts)
+                  counts.pop('files_failed', 0), **counts, busy_before_pct=busy)
 
 
 def _show(r: Result) -> None:
@@ -245,28 +271,29 @@ def _show(r: Result) -> None:
           flush=True)
 
 
-def throughput_runs(label: str, path: str, workdir: str, page_timeout: int) -> list[Result]:
+def throughput_runs(label: str, path: str, workdir: str, page_timeout: int,
+                    wait_idle: float) -> list[Result]:
     """ragbeam with 2 workers, with 1, and the plain loop, on one input."""
     warm_cache(path)
     results = []
     for runner in RUNNERS:
         if runner == PLAIN:
-            r = measure_plain(THROUGHPUT, label, path)
+            r = measure_plain(THROUGHPUT, label, path, wait_idle)
         else:
             r = measure_ragbeam(THROUGHPUT, label, path, workdir,
-                                2 if runner == RAGBEAM_2 else 1, page_timeout)
+                                2 if runner == RAGBEAM_2 else 1, page_timeout, wait_idle)
         _show(r)
         results.append(r)
     return results
 
 
-def rss_runs(pages: Sequence[int], workdir: str) -> list[Result]:
+def rss_runs(pages: Sequence[int], workdir: str, wait_idle: float) -> list[Result]:
     """ragbeam with its default flags (1 worker) on a generated PDF of each page count."""
     results = []
     for n in pages:
         path = generated_pdf(workdir, n)
         warm_cache(path)
-        r = measure_ragbeam(RSS, f'{n} pages', path, workdir, 1, None)
+        r = measure_ragbeam(RSS, f'{n} pages', path, workdir, 1, None, wait_idle)
         _show(r)
         results.append(r)
     return results
@@ -320,12 +347,12 @@ def print_table(results: list[Result], summ: dict) -> None:
     """Every run, then the ratios per input and whether each target is met."""
     print(f"\n{'experiment':>10} {'input':>22} {'MB':>7} {'runner':>17} {'wall s':>8} "
           f"{'pages':>6} {'pages/s':>8} {'page err':>8} {'files ok/failed':>15} "
-          f"{'peak RSS MB':>11} {'rc':>3}")
+          f"{'peak RSS MB':>11} {'busy%':>5} {'rc':>3}")
     for r in results:
         files = f'{r.files_ok}/{r.files_failed}'
         print(f'{r.experiment:>10} {r.input_label:>22} {r.size_bytes / MB:>7.1f} {r.runner:>17} '
               f'{r.wall_seconds:>8.2f} {r.pages:>6} {r.pages_per_s:>8.2f} {r.page_errors:>8} '
-              f'{files:>15} {r.peak_rss_mb:>11.1f} {r.returncode:>3}')
+              f'{files:>15} {r.peak_rss_mb:>11.1f} {r.busy_before_pct:>5.0f} {r.returncode:>3}')
     print()
     for label, t in summ['throughput'].items():
         print(f"{label}: pages/s ragbeam 2 workers / plain {t['ragbeam_2_over_plain']}, "
@@ -407,15 +434,16 @@ def write_report(results: list[Result], summ: dict, out: str, corpus: str) -> No
 # ---------------------------------------------------------------- command line
 
 def bench(pages: int, rss_pages: Sequence[int], corpus: Optional[str], workdir: str,
-          out: str) -> int:
+          out: str, wait_idle: float = 0.0) -> int:
     """Throughput on the generated PDF and the corpus, then RSS by size; 1 when a run failed."""
     os.makedirs(workdir, exist_ok=True)
     big_label = f'generated {pages} pages'
-    results = throughput_runs(big_label, generated_pdf(workdir, pages), workdir, PAGE_TIMEOUT)
+    results = throughput_runs(big_label, generated_pdf(workdir, pages), workdir, PAGE_TIMEOUT,
+                              wait_idle)
     if corpus:
         results += throughput_runs(f'corpus {os.path.basename(corpus.rstrip("/"))}', corpus,
-                                   workdir, PAGE_TIMEOUT)
-    results += rss_runs(rss_pages, workdir)
+                                   workdir, PAGE_TIMEOUT, wait_idle)
+    results += rss_runs(rss_pages, workdir, wait_idle)
     summ = summary(results, big_label)
     print_table(results, summ)
     write_report(results, summ, out, corpus)
@@ -434,6 +462,8 @@ def parser() -> argparse.ArgumentParser:
                    help='where PDFs are generated (and reused) and outputs go while a run lasts')
     p.add_argument('--out', default=str(REPO / 'bench' / 'results'),
                    help='folder for pdf.json and pdf.png')
+    p.add_argument('--wait-idle', type=float, default=0.0, metavar='SECONDS',
+                   help='before each run, wait up to this long for the cores to be idle')
     sub = p.add_subparsers(dest='command')
     plain = sub.add_parser('plain', help='run the plain pypdf loop alone')
     plain.add_argument('--input', required=True, metavar='FILE_OR_DIR')
@@ -446,7 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_plain(args.input)
         return 0
     rss_pages = [int(n) for n in args.rss_pages.split(',') if n.strip()]
-    return bench(args.pages, rss_pages, args.corpus or None, args.workdir, args.out)
+    return bench(args.pages, rss_pages, args.corpus or None, args.workdir, args.out,
+                 args.wait_idle)
 
 
 if __name__ == '__main__':

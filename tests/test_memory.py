@@ -16,7 +16,8 @@ def test_large_text_object_stays_under_400mb(tmp_path):
     write_text(str(src), size)
     out = tmp_path / 'out'
     m = run_measured([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
-                      '--output', str(out), '--index-type', 'none'], cwd=ROOT)
+                      '--output', str(out), '--index-type', 'none', '--embedder', 'hash'],
+                     cwd=ROOT)
     assert m.returncode == 0, m.output[-3000:]
     assert m.peak_rss_mb < 400, f'peak RSS {m.peak_rss_mb:.0f} MB'
     chunks = ds.dataset(out / 'chunks').to_table(columns=['start', 'end'])

@@ -158,7 +158,8 @@ def test_a_big_pdf_runs_in_bounded_memory(tmp_path):
     write_pdf(str(path), pages=600)  # about 240 MB
     out = tmp_path / 'out'
     m = run_measured([sys.executable, '-m', 'pipeline', 'run', '--input', str(path),
-                      '--output', str(out), '--index-type', 'none'], cwd=ROOT)
+                      '--output', str(out), '--index-type', 'none', '--embedder', 'hash'],
+                     cwd=ROOT)
     assert m.returncode == 0, m.output[-3000:]
     assert m.peak_rss_mb <= 512, f'peak RSS {m.peak_rss_mb:.0f} MB for a {path.stat().st_size >> 20} MB PDF'
     pages = ds.dataset(out / 'chunks').to_table(columns=['page']).column('page').to_pylist()

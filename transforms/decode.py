@@ -52,7 +52,7 @@ def detect_encoding(head: bytes, size: int) -> TextEncoding:
     else a legacy codec from charset-normalizer. Raises UndecodableError for binary data.
     """
     for bom, codec in _BOMS:
-        if head.startswith(bom):
+        if head.startswith(bom) and not _utf16_bom_then_nul(bom, size):
             return _encoding(codec, len(bom))
     wide = _utf16_without_bom(head, size)
     if wide:
@@ -63,6 +63,11 @@ def detect_encoding(head: bytes, size: int) -> TextEncoding:
     except UnicodeDecodeError:
         pass
     return _legacy_encoding(head)
+
+
+def _utf16_bom_then_nul(bom: bytes, size: int) -> bool:
+    """FF FE 00 00 is also UTF-16 LE's mark before a NUL: not UTF-32 when the size says so."""
+    return bom == codecs.BOM_UTF32_LE and (size - len(bom)) % 4 != 0
 
 
 def _encoding(codec: str, bom: int) -> TextEncoding:

