@@ -198,7 +198,8 @@ def ragbeam_counts(output: str) -> dict:
     page_errors = 0
     for name in glob.glob(os.path.join(output, 'errors', '*.jsonl')):  # JSON lines, if any
         with open(name) as f:
-            page_errors += sum(json.loads(line).get('stage') == 'extract' for line in f if line.strip())
+            page_errors += sum(json.loads(line).get('stage') == 'extract'
+                               for line in f if line.strip())
     with open(os.path.join(output, 'report.json')) as f:
         report = json.load(f)
     files_ok = pc.sum(ok.cast('int64')).as_py() or 0
@@ -409,6 +410,20 @@ def write_chart(results: list[Result], path: str) -> None:
     plt.close(fig)
 
 
+def git_commit() -> Optional[str]:
+    """The checked-out commit, with '+dirty' when tracked files differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ('+dirty' if dirty else '')
+
+
 def write_report(results: list[Result], summ: dict, out: str, corpus: str) -> None:
     """OUT/pdf.json (every run, the summary, the machine) and OUT/pdf.png."""
     import apache_beam as beam
@@ -419,6 +434,7 @@ def write_report(results: list[Result], summ: dict, out: str, corpus: str) -> No
         'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
                     'platform': platform.platform(), 'beam': beam.__version__,
                     'pypdf': pypdf.__version__},
+        'commit': git_commit(),
         'mb': MB,
         'corpus': corpus,
         'page_timeout_seconds': PAGE_TIMEOUT,

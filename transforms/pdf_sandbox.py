@@ -7,6 +7,7 @@ Messages are length-prefixed pickles over the child's stdin and stdout.
 """
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -303,6 +304,8 @@ def _child_main() -> None:
                 _configure(limits)
                 continue
             if op == 'open':
+                reader = None
+                gc.collect()  # the last reader's page cache sits in reference cycles
                 reader = _open_reader(RangedFile(_ParentReads(requests, replies), message[1]))
                 if reader.is_encrypted and not reader.decrypt(''):
                     raise PasswordRequired('password required: the PDF is encrypted with a user password')
