@@ -39,16 +39,15 @@ import glob
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.generate import write_pdf
-from bench.measure import run_measured
+from bench.measure import run_measured, save_report, warm_cache
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -156,14 +155,6 @@ def generated_pdf(workdir: str, pages: int) -> str:
         write_pdf(path + '.part', pages)
         os.replace(path + '.part', path)
     return path
-
-
-def warm_cache(path: str) -> None:
-    """Reads every file of the input once so that every run finds it in the page cache."""
-    for file in pdf_files(path):
-        with open(file, 'rb') as f:
-            while f.read(64 * MB):
-                pass
 
 
 def input_size(path: str) -> tuple[int, int]:
@@ -275,7 +266,7 @@ def _show(r: Result) -> None:
 def throughput_runs(label: str, path: str, workdir: str, page_timeout: int,
                     wait_idle: float) -> list[Result]:
     """ragbeam with 2 workers, with 1, and the plain loop, on one input."""
-    warm_cache(path)
+    warm_cache(*pdf_files(path))
     results = []
     for runner in RUNNERS:
         if runner == PLAIN:
@@ -293,7 +284,7 @@ def rss_runs(pages: Sequence[int], workdir: str, wait_idle: float) -> list[Resul
     results = []
     for n in pages:
         path = generated_pdf(workdir, n)
-        warm_cache(path)
+        warm_cache(*pdf_files(path))
         r = measure_ragbeam(RSS, f'{n} pages', path, workdir, 1, None, wait_idle)
         _show(r)
         results.append(r)
@@ -424,29 +415,6 @@ def git_commit() -> Optional[str]:
     return head + ('+dirty' if dirty else '')
 
 
-def write_report(results: list[Result], summ: dict, out: str, corpus: str) -> None:
-    """OUT/pdf.json (every run, the summary, the machine) and OUT/pdf.png."""
-    import apache_beam as beam
-    import pypdf
-
-    os.makedirs(out, exist_ok=True)
-    report = {
-        'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
-                    'platform': platform.platform(), 'beam': beam.__version__,
-                    'pypdf': pypdf.__version__},
-        'commit': git_commit(),
-        'mb': MB,
-        'corpus': corpus,
-        'page_timeout_seconds': PAGE_TIMEOUT,
-        'runs': [asdict(r) for r in results],
-        'summary': summ,
-    }
-    with open(os.path.join(out, 'pdf.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    write_chart(results, os.path.join(out, 'pdf.png'))
-    print(f'\nwrote {out}/pdf.json and {out}/pdf.png')
-
-
 # ---------------------------------------------------------------- command line
 
 def bench(pages: int, rss_pages: Sequence[int], corpus: Optional[str], workdir: str,
@@ -462,7 +430,10 @@ def bench(pages: int, rss_pages: Sequence[int], corpus: Optional[str], workdir: 
     results += rss_runs(rss_pages, workdir, wait_idle)
     summ = summary(results, big_label)
     print_table(results, summ)
-    write_report(results, summ, out, corpus)
+    import pypdf
+
+    save_report(out, 'pdf', results, summ, write_chart, commit=git_commit(), mb=MB, corpus=corpus,
+                page_timeout_seconds=PAGE_TIMEOUT, pypdf=pypdf.__version__)
     return 0 if summ['all_runs_ok'] else 1
 
 

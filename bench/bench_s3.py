@@ -25,18 +25,18 @@ client is made and, for store, the object listed).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from bench.generate import write_text
-from bench.measure import run_measured
+from bench.measure import run_measured, save_report
 from pipeline.options import parse_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,27 +287,6 @@ def write_chart(results: list[Result], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[Result], summ: dict, out: str) -> None:
-    """OUT/s3.json (every run, the summary, the machine) and OUT/s3.png."""
-    import apache_beam as beam
-    import moto
-
-    os.makedirs(out, exist_ok=True)
-    report = {
-        'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
-                    'platform': platform.platform(), 'beam': beam.__version__,
-                    'moto': moto.__version__},
-        'mb': MB,
-        'piece_bytes': PIECE_BYTES,
-        'runs': [asdict(r) for r in results],
-        'summary': summ,
-    }
-    with open(os.path.join(out, 's3.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    write_chart(results, os.path.join(out, 's3.png'))
-    print(f'\nwrote {out}/s3.json and {out}/s3.png')
-
-
 # ---------------------------------------------------------------- command line
 
 def bench(sizes: str, workdir: str, out: str) -> int:
@@ -325,7 +304,8 @@ def bench(sizes: str, workdir: str, out: str) -> int:
         servers.stop()
     summ = summary(results)
     print_table(results, summ)
-    write_report(results, summ, out)
+    save_report(out, 's3', results, summ, write_chart, mb=MB, piece_bytes=PIECE_BYTES,
+                    moto=importlib.metadata.version('moto'))
     return 0 if summ['all_runs_ok'] else 1
 
 

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -30,7 +28,7 @@ from apache_beam.io import fileio
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 
 from bench.generate import write_text
-from bench.measure import run_measured
+from bench.measure import run_measured, save_report, warm_cache
 from pipeline.options import parse_size
 from transforms.batch import BatchBounded
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
@@ -120,13 +118,6 @@ def input_file(workdir: str, label: str, size: int) -> str:
         print(f'generating {path} ({size} bytes)', flush=True)
         write_text(path, size)
     return path
-
-
-def warm_cache(path: str) -> None:
-    """Reads the file once so that every run finds it in the page cache."""
-    with open(path, 'rb') as f:
-        while f.read(64 * MB):
-            pass
 
 
 def command(pipeline: str, path: str, output: str) -> list[str]:
@@ -248,22 +239,6 @@ def write_chart(results: list[Result], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[Result], summ: dict, out: str) -> None:
-    """OUT/text.json (every run, the summary, the machine) and OUT/text.png."""
-    os.makedirs(out, exist_ok=True)
-    report = {
-        'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
-                    'platform': platform.platform(), 'beam': beam.__version__},
-        'mb': MB,
-        'runs': [asdict(r) for r in results],
-        'summary': summ,
-    }
-    with open(os.path.join(out, 'text.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    write_chart(results, os.path.join(out, 'text.png'))
-    print(f'\nwrote {out}/text.json and {out}/text.png')
-
-
 # ---------------------------------------------------------------- command line
 
 def bench(sizes: str, workdir: str, out: str) -> int:
@@ -281,7 +256,7 @@ def bench(sizes: str, workdir: str, out: str) -> int:
             results.append(r)
     summ = summary(results)
     print_table(results, summ)
-    write_report(results, summ, out)
+    save_report(out, 'text', results, summ, write_chart, mb=MB)
     return 0 if summ['all_runs_ok'] else 1
 
 

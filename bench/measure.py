@@ -1,10 +1,14 @@
 """Peak resident memory of a command and all its child processes, sampled while it runs."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import psutil
 
@@ -44,3 +48,30 @@ def _rss(p: psutil.Process) -> int:
         return p.memory_info().rss
     except psutil.Error:
         return 0
+
+
+def warm_cache(*paths: str) -> None:
+    """Reads each file once so that every run finds it in the page cache."""
+    for path in paths:
+        with open(path, 'rb') as f:
+            while f.read(64 << 20):
+                pass
+
+
+def save_report(out: str, name: str, runs: list, summary: dict,
+                chart: Callable[[list, str], None], **extra) -> None:
+    """OUT/NAME.json (machine, runs, summary, extra settings) and OUT/NAME.png drawn by `chart`."""
+    import apache_beam as beam
+
+    os.makedirs(out, exist_ok=True)
+    report = {
+        'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
+                    'platform': platform.platform(), 'beam': beam.__version__},
+        **extra,
+        'runs': [asdict(r) for r in runs],
+        'summary': summary,
+    }
+    with open(os.path.join(out, f'{name}.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    chart(runs, os.path.join(out, f'{name}.png'))
+    print(f'\nwrote {out}/{name}.json and {out}/{name}.png')
