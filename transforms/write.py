@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from transforms.batch import BatchBounded
 from transforms.embed import EMBEDDERS, EmbedChunks
-from transforms.types import ErrorRecord, ManifestRow
+from transforms.types import ErrorRecord
 
 ROW_GROUP_ROWS = 4096
 ROW_GROUP_BYTES = 16 << 20
