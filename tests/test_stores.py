@@ -153,8 +153,13 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
     s3.client().create_bucket(Bucket='results')
     ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
             '--s3-endpoint-url', s3.endpoint)
+    s3.client().put_object(Bucket='results', Key='run1/chunks/stale-from-an-old-run.parquet',
+                           Body=b'not parquet')
+    ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
+            '--s3-endpoint-url', s3.endpoint)  # a re-run replaces the earlier outputs
     local = tmp_path / 'copy'
     s3.download_tree('results', 'run1', local)
+    assert not (local / 'chunks' / 'stale-from-an-old-run.parquet').exists()
     check_output(local, '--input', CORPUS / 'text')
     hits = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                               s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)

@@ -53,8 +53,10 @@ def prepare(output: str) -> None:
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem's error means the same thing to the user
         raise OutputError(f'cannot write to --output {output}: {e}') from e
-    stale = [path(output, name) for name in RUN_OUTPUTS]
-    stale = [p for p in stale if FileSystems.exists(p)]
+    stale = [p for p in (path(output, name) for name in RUN_OUTPUTS) if FileSystems.exists(p)]
+    if not is_local(output):  # buckets have no folders: every object under each prefix
+        stale += [m.path for name in RUN_OUTPUTS
+                  for m in FileSystems.match([path(output, name, '**')])[0].metadata_list]
     if stale:
         FileSystems.delete(stale)
 
