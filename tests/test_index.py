@@ -1,0 +1,104 @@
+"""Index types: auto's choice, recall against exact search, shard-wise builds, filtered queries."""
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ragbeam
+from transforms.index import Searcher, build_index, choose_type
+from transforms.write import chunk_schema
+
+DIM = 384
+
+
+def test_auto_picks_by_count_and_memory():
+    assert choose_type('auto', 50_000, DIM, 1024) == 'flat'
+    assert choose_type('auto', 500_000, DIM, 1024) == 'hnsw'
+    assert choose_type('auto', 5_000_000, DIM, 1024) == 'ivfpq'
+    assert choose_type('hnsw', 10, DIM, 1) == 'hnsw'
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    """Unit vectors like sentence embeddings: clusters in a low-dimensional subspace, plus noise."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((48, DIM)).astype(np.float32)
+    centres = rng.standard_normal((512, 48)).astype(np.float32)
+    latent = centres[rng.integers(0, 512, n)] + 0.6 * rng.standard_normal((n, 48)).astype(np.float32)
+    x = latent @ basis + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _write_chunks(folder, vectors: np.ndarray, ids: np.ndarray, files: int) -> None:
+    folder.mkdir(parents=True)
+    schema = chunk_schema(DIM)
+    for n, part in enumerate(np.array_split(np.arange(len(ids)), files)):
+        rows = len(part)
+        table = pa.table({
+            'chunk_id': pa.array([f'{i:x}' for i in ids[part]]), 'id64': pa.array(ids[part]),
+            'uri': pa.array([f'file:///synthetic/{i % 97}.txt' for i in part]),
+            'version': pa.array(['v'] * rows), 'kind': pa.array(['text'] * rows),
+            'page': pa.nulls(rows, pa.int32()), 'start': pa.array(part.astype(np.int64)),
+            'end': pa.array(part.astype(np.int64) + 1), 'text': pa.array(['x'] * rows),
+            'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors[part].reshape(-1)), DIM),
+            'model': pa.array(['synthetic'] * rows), 'encoding': pa.array(['utf-8'] * rows),
+        }, schema=schema)
+        pq.write_table(table, folder / f'part-{n:03d}.parquet', row_group_size=4096)
+
+
+def _recall_at_10(output, queries: np.ndarray, truth: np.ndarray) -> float:
+    _, found = Searcher(str(output)).search(queries, 10)
+    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    n = 200_000
+    vectors, queries = np.split(_clustered(n + 200, 1), [n])  # queries from the same clusters
+    ids = np.random.default_rng(2).integers(-2**63, 2**63 - 1, n, dtype=np.int64)
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(vectors)
+    _, nearest = exact.search(queries, 10)
+    root = tmp_path_factory.mktemp('synthetic')
+    return vectors, ids, queries, ids[nearest], root
+
+
+def test_sharded_ivfpq_build_equals_a_single_shot_build(synthetic):
+    vectors, ids, queries, truth, root = synthetic
+    builds = {}
+    for files in (1, 8):
+        out = root / f'files-{files}'
+        _write_chunks(out / 'chunks', vectors, ids, files)
+        meta = build_index(str(out), 'ivfpq')
+        assert meta['type'] == 'ivfpq' and meta['count'] == len(ids)
+        index = faiss.read_index(str(out / 'index' / 'faiss.index'))
+        builds[files] = (out, np.sort(faiss.vector_to_array(index.id_map)))
+    assert np.array_equal(builds[1][1], builds[8][1]) and np.array_equal(builds[1][1], np.sort(ids))
+    for out, _ in builds.values():
+        assert _recall_at_10(out, queries, truth) >= 0.95
+
+
+def test_hnsw_recall(synthetic):
+    vectors, ids, queries, truth, root = synthetic
+    out = root / 'hnsw'
+    _write_chunks(out / 'chunks', vectors[:50_000], ids[:50_000], 2)
+    build_index(str(out), 'hnsw')
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(vectors[:50_000])
+    _, nearest = exact.search(queries, 10)
+    assert _recall_at_10(out, queries, ids[:50_000][nearest]) >= 0.95
+
+
+def test_a_uri_prefix_keeps_results_to_one_object(text_run):
+    hits = json.loads(ragbeam('query', '--output', text_run, '--json', '-k', '5', '--uri-prefix',
+                              str(text_run.parent.parent), 'uniform resource identifier').stdout)
+    assert hits == []  # no object lives under the output's own folder
+    prefix = next(iter({h['uri'] for h in json.loads(ragbeam(
+        'query', '--output', text_run, '--json', '-k', '20', 'the').stdout)}))
+    hits = json.loads(ragbeam('query', '--output', text_run, '--json', '-k', '5',
+                              '--uri-prefix', prefix, 'uniform resource identifier').stdout)
+    assert len(hits) == 5 and {h['uri'] for h in hits} == {prefix}
