@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import run_measured, save_report
+from bench.measure import run_measured, save_figure, save_report
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 256
@@ -104,9 +104,7 @@ def _chart(runs: list[Run], path: str) -> None:
     memory.legend()
     for ax in (speed, memory):
         ax.tick_params(axis='x', labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

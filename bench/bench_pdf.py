@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.generate import write_pdf
-from bench.measure import run_measured, save_report, warm_cache
+from bench.measure import run_measured, save_figure, save_report, warm_cache
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -395,10 +395,7 @@ def write_chart(results: list[Result], path: str) -> None:
     mem.set_ylabel('peak RSS of the process tree (MB)')
     mem.set_title('ragbeam peak RSS vs PDF size')
     mem.legend(loc='lower right')
-    fig.suptitle('PDFs: ragbeam (hash embedder, FnApiRunner) vs a plain pypdf loop')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 'PDFs: ragbeam (hash embedder, FnApiRunner) vs a plain pypdf loop')
 
 
 def git_commit() -> Optional[str]:

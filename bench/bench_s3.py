@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from bench.generate import write_text
-from bench.measure import run_measured, save_report
+from bench.measure import run_measured, save_figure, save_report
 from pipeline.options import parse_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,10 +281,7 @@ def write_chart(results: list[Result], path: str) -> None:
     wire.set_ylim(0, max(WIRE_RATIO_LIMIT, *(r.wire_ratio for r in ragbeam)) * 1.15)
     wire.set_title('ragbeam bytes over the wire / object size')
     wire.legend(loc='upper left')
-    fig.suptitle('S3 reads through moto and a counting proxy (hash embedder, FnApiRunner)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 'S3 reads through moto and a counting proxy (hash embedder, FnApiRunner)')
 
 
 # ---------------------------------------------------------------- command line

@@ -28,7 +28,7 @@ from apache_beam.io import fileio
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 
 from bench.generate import write_text
-from bench.measure import run_measured, save_report, warm_cache
+from bench.measure import run_measured, save_figure, save_report, warm_cache
 from pipeline.options import parse_size
 from transforms.batch import BatchBounded
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
@@ -233,10 +233,7 @@ def write_chart(results: list[Result], path: str) -> None:
                     label=f'target {RSS_LIMIT_MB:.0f} MB')
     for ax in axes:
         ax.legend()
-    fig.suptitle('ragbeam vs naive whole-file Beam pipeline (hash embedder, FnApiRunner)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 'ragbeam vs naive whole-file Beam pipeline (hash embedder, FnApiRunner)')
 
 
 # ---------------------------------------------------------------- command line

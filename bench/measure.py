@@ -75,3 +75,14 @@ def save_report(out: str, name: str, runs: list, summary: dict,
         json.dump(report, f, indent=2)
     chart(runs, os.path.join(out, f'{name}.png'))
     print(f'\nwrote {out}/{name}.json and {out}/{name}.png')
+
+
+def save_figure(fig, path: str, title: str = '') -> None:
+    """Titles, lays out, writes and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
