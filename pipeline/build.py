@@ -95,7 +95,7 @@ def run(opts: RunOptions) -> dict | None:
         return None
     result.wait_until_finish()
     outputs.ensure_table(outputs.path(opts.output, 'chunks'),
-                         chunk_schema(EMBEDDERS[opts.embedder]().dim))
+                         chunk_schema(EMBEDDERS[opts.embedder]().dim), opts.store)
     index_meta = None
     if opts.index_type != 'none':
         index_meta = index.build_index(opts.output, opts.index_type, opts.store,

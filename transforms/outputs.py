@@ -121,15 +121,9 @@ class ParquetFolder:
                                          ref.size, name=ref.uri))
 
 
-def parquet_files(folder: str) -> list[str]:
-    """The Parquet files directly in `folder`, sorted."""
-    pattern = path(folder, '*.parquet')
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def ensure_table(folder: str, schema: pa.Schema) -> None:
+def ensure_table(folder: str, schema: pa.Schema, config: StoreConfig = StoreConfig()) -> None:
     """Writes an empty Parquet file with `schema` when a run produced no rows in `folder`."""
-    if parquet_files(folder):
+    if ParquetFolder(folder, config).refs:
         return
     sink = io.BytesIO()
     pq.write_table(schema.empty_table(), sink)

@@ -21,8 +21,8 @@ from apache_beam.metrics import Metrics
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
 from transforms.progress import Progress
-from transforms.read_text import (ERRORS, STATS, OffsetRangeSplits, finish_restriction, is_blank,
-                                  read_failure_reason)
+from transforms.read_text import (ERRORS, STATS, OffsetRangeSplits, Tally, finish_restriction,
+                                  is_blank, read_failure_reason)
 from transforms.store import StoreConfig, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
@@ -120,14 +120,13 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
 
     def process(self, doc: PdfDocument, tracker=beam.DoFn.RestrictionParam()):
         ref = doc.ref
-        stats = _PageTally()
+        tally = Tally(kind='pdf')
         try:
             self._open(ref)
         except (PdfError, OSError) as e:
             finish_restriction(tracker)
             yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'open', e))
-            stats.status, stats.reason = 'failed', open_failure_reason(e)
-            stats.errors += 1
+            tally.fail('failed', open_failure_reason(e))
         else:
             first = tracker.current_restriction().start
             progress = Progress(ref.uri, first, tracker.current_restriction().stop, 'page')
@@ -135,26 +134,25 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
                 if not tracker.try_claim(index):
                     break
                 progress.update(index)
-                yield from self._page_chunks(ref, index, stats)
+                yield from self._page_chunks(ref, index, tally)
             self._pages.inc(tracker.current_restriction().stop - first)
-        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
-            kind='pdf', chunks=stats.chunks, errors=stats.errors, ocr_needed=stats.ocr_needed,
-            bytes_read=self._sandbox.bytes_read, status=stats.status, reason=stats.reason)))
+        tally.bytes_read = self._sandbox.bytes_read
+        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, tally.stats()))
 
-    def _page_chunks(self, ref: ObjectRef, index: int, stats: '_PageTally') -> Iterator:
+    def _page_chunks(self, ref: ObjectRef, index: int, tally: Tally) -> Iterator:
         page = index + 1
         try:
             text, has_images = self._sandbox.page(index)
             if is_blank(text) and has_images:
                 if self._options.ocr != 'tesseract':
-                    stats.ocr_needed += 1
+                    tally.ocr_needed += 1
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         uri=ref.uri, stage='ocr', error_type='ocr_needed', version=ref.version,
                         page=page, message='the page has images but no text layer; run with --ocr tesseract'))
                     return
                 text = self._ocr(index)
         except (PdfError, OSError) as e:
-            stats.errors += 1
+            tally.errors += 1
             yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'extract', e, page))
             return
         tag = self._settings.tag()
@@ -163,7 +161,7 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
             if is_blank(piece):
                 continue
             cid, id64 = chunk_id(ref.uri, ref.version, page, start, end, tag)
-            stats.chunks += 1
+            tally.chunks += 1
             yield Chunk(cid, id64, ref.uri, ref.version, 'pdf', page, start, end, piece, None)
 
     def _ocr(self, index: int) -> str:
@@ -177,11 +175,3 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
         except (pytesseract.TesseractError, pytesseract.TesseractNotFoundError) as e:
             raise PdfError(type(e).__name__, str(e))
 
-
-@dataclass
-class _PageTally:
-    chunks: int = 0
-    errors: int = 0
-    ocr_needed: int = 0
-    status: Optional[str] = None
-    reason: Optional[str] = None

@@ -123,7 +123,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         reader = ByteWindowReader(read, ref.size, self._window, limit=rng.stop + self._settings.reach())
         head_reader = reader if owns_head else ByteWindowReader(
             read, ref.size, self._window, limit=DETECT_BYTES)
-        tally = _Tally()
+        tally = Tally()
         try:
             head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
             if looks_like_pdf(ref.uri, head):
@@ -151,7 +151,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, tally.stats()))
 
     def _chunks_of(self, ref: ObjectRef, tracker, reader: ByteWindowReader,
-                   encoding: TextEncoding, tally: '_Tally') -> Iterator:
+                   encoding: TextEncoding, tally: 'Tally') -> Iterator:
         """Yields the restriction's chunks, and an ErrorRecord for each span that does not decode."""
         rule = ChunkRule(self._settings, encoding, ref.size)
         first = rule.first_chunk_at_or_after(tracker.current_restriction().start)
@@ -180,10 +180,11 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
 
 
 @dataclass
-class _Tally:
+class Tally:
     """Mutable counts of one restriction, turned into ObjectStats at its end."""
     chunks: int = 0
     errors: int = 0
+    ocr_needed: int = 0
     bytes_read: int = 0
     encoding: Optional[str] = None
     kind: str = 'text'
@@ -197,7 +198,7 @@ class _Tally:
     def stats(self) -> ObjectStats:
         return ObjectStats(chunks=self.chunks, bytes_read=self.bytes_read, errors=self.errors,
                            encoding=self.encoding, status=self.status, reason=self.reason,
-                           kind=self.kind)
+                           kind=self.kind, ocr_needed=self.ocr_needed)
 
 
 def read_failure_reason(e: Exception) -> str:
