@@ -16,6 +16,7 @@ from transforms.listing import ListObjects, check_patterns, skip_reason
 from transforms.manifest import BuildManifest
 from transforms.pdf import OpenPdfs, ReadPdfChunks
 from transforms.read_text import ERRORS, PDFS, STATS, ReadTextChunks, looks_like_pdf
+from transforms.store import StoreConfig
 from transforms.write import EmbedAndWrite, WriteErrors, WriteManifest, chunk_schema
 
 _log = logging.getLogger(__name__)
@@ -58,12 +59,12 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
          | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors')))
 
 
-def make_pipeline(opts: RunOptions) -> beam.Pipeline:
+def make_pipeline(beam_args: list[str], store: StoreConfig) -> beam.Pipeline:
     """A Pipeline on the requested runner; without --runner, the in-process FnApiRunner.
 
     Beam's DirectRunner would first try to download the Prism binary, which fails offline.
     """
-    options = beam_options(store_beam_args(opts.store, opts.beam_args))
+    options = beam_options(store_beam_args(store, beam_args))
     runner = None
     if options.view_as(StandardOptions).runner is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -78,7 +79,7 @@ def run(opts: RunOptions) -> dict | None:
     """Runs the whole job; returns the report, or None when the runner only translated it."""
     opts.validate()
     started = time.time()
-    p = make_pipeline(opts)
+    p = make_pipeline(opts.beam_args, opts.store)
     outputs.configure(p.options)
     check_patterns(opts.inputs, opts.store)
     outputs.prepare(opts.output)
@@ -99,7 +100,8 @@ def run(opts: RunOptions) -> dict | None:
     index_meta = None
     if opts.index_type != 'none':
         index_meta = index.build_index(opts.output, opts.index_type, opts.store,
-                                       opts.index_memory_mb)
+                                       opts.index_memory_mb,
+                                       lambda: make_pipeline(opts.beam_args, opts.store))
     report = reporting.summarise(opts, index_meta, counters(result),
                                  wall_seconds=time.time() - started, peak_rss_mb=peak_rss_mb())
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)

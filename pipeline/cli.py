@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument('--embed-batch-bytes', type=_size, default=4 << 20,
                      help='text bytes per batch')
 
-    index = sub.add_parser('index', help='(re)build the vector index of DIR')
+    index = sub.add_parser('index', help='(re)build the vector index of DIR (Beam flags run '
+                                         'the ivfpq shard stage)')
     index.add_argument('--output', required=True, metavar='DIR')
     index.add_argument('--index-type', choices=INDEX_TYPES, default='auto')
     index.add_argument('--index-memory-mb', type=int, default=1024)
@@ -128,12 +129,16 @@ def _run(args, beam_args: list[str]) -> int:
     return 0
 
 
-def _index(args) -> int:
+def _index(args, beam_args: list[str]) -> int:
+    from pipeline.build import make_pipeline
     from transforms.index import build_index
 
     if args.index_type == 'none':
         raise UsageError('--index-type none builds nothing')
-    meta = build_index(args.output, args.index_type, _store(args), args.index_memory_mb)
+    config = _store(args)
+    make_pipeline(beam_args, config)  # bad Beam flags fail here, before any work
+    meta = build_index(args.output, args.index_type, config, args.index_memory_mb,
+                       lambda: make_pipeline(beam_args, config))
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 
@@ -171,9 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = _parser().parse_known_args(argv)
-        if args.command != 'run' and rest:
+        if args.command == 'query' and rest:
             raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
-        return {'run': lambda: _run(args, rest), 'index': lambda: _index(args),
+        return {'run': lambda: _run(args, rest), 'index': lambda: _index(args, rest),
                 'query': lambda: _query(args)}[args.command]()
     except (UsageError, NoMatchError, OutputError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 
+import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from tests.conftest import ragbeam
 from transforms.index import Searcher, build_index, choose_type
@@ -68,19 +71,42 @@ def synthetic(tmp_path_factory):
     return vectors, ids, queries, ids[nearest], root
 
 
+def _two_workers() -> beam.Pipeline:
+    return beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(
+        ['--direct_num_workers=2', '--direct_running_mode=multi_processing']))
+
+
 def test_sharded_ivfpq_build_equals_a_single_shot_build(synthetic):
     vectors, ids, queries, truth, root = synthetic
     builds = {}
-    for files in (1, 8):
+    for files, shard_rows, pipeline in ((1, len(ids), None), (8, 25_000, _two_workers)):
         out = root / f'files-{files}'
         _write_chunks(out / 'chunks', vectors, ids, files)
-        meta = build_index(str(out), 'ivfpq')
+        meta = build_index(str(out), 'ivfpq', pipeline=pipeline, shard_rows=shard_rows)
         assert meta['type'] == 'ivfpq' and meta['count'] == len(ids)
-        index = faiss.read_index(str(out / 'index' / 'faiss.index'))
-        builds[files] = (out, np.sort(faiss.vector_to_array(index.id_map)))
+        assert len(meta['search']['rerank']) == len(ids) // shard_rows
+        assert not (out / 'index' / 'shards').exists()  # merged into one on-disk file
+        builds[files] = (out, Searcher(str(out)).ids())
     assert np.array_equal(builds[1][1], builds[8][1]) and np.array_equal(builds[1][1], np.sort(ids))
     for out, _ in builds.values():
         assert _recall_at_10(out, queries, truth) >= 0.95
+
+
+def test_a_repeated_id_is_added_once(synthetic, tmp_path):
+    vectors, ids, *_ = synthetic
+    repeated = np.concatenate([ids[:3000], ids[1000:2000]])  # as a retried write could leave
+    _write_chunks(tmp_path / 'chunks', vectors[:4000], repeated, 3)
+    for kind in ('flat', 'ivfpq'):
+        meta = build_index(str(tmp_path), kind, shard_rows=1000)
+        assert meta['count'] == 3000
+        assert np.array_equal(Searcher(str(tmp_path)).ids(), np.sort(ids[:3000]))
+
+
+def test_too_few_vectors_for_ivfpq_build_flat(synthetic, tmp_path):
+    vectors, ids, *_ = synthetic
+    _write_chunks(tmp_path / 'chunks', vectors[:500], ids[:500], 1)
+    meta = build_index(str(tmp_path), 'ivfpq')
+    assert (meta['type'], meta['requested_type'], meta['count']) == ('flat', 'ivfpq', 500)
 
 
 def test_hnsw_recall(synthetic):

@@ -164,6 +164,16 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
     hits = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                               s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
     assert hits and hits[0]['uri'].endswith('rfc3986.txt')
+    # ivfpq's shard stage, merge and memory-mapped search, through the bucket
+    ragbeam('index', '--output', 's3://results/run1', '--s3-endpoint-url', s3.endpoint,
+            '--index-type', 'ivfpq')
+    keys = [o['Key'] for o in s3.client().list_objects_v2(
+        Bucket='results', Prefix='run1/index/')['Contents']]
+    assert 'run1/index/faiss.ivfdata' in keys and not any('shards/' in k or 'trained' in k
+                                                         for k in keys), keys
+    again = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
+                               s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
+    assert again[0]['chunk_id'] == hits[0]['chunk_id']
 
 
 def test_gcs_gives_the_same_chunks_as_local(gcs, text_run, tmp_path):

@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.ranged_file import RangedFile
-from transforms.store import StoreConfig, store_for
+from transforms.store import Store, StoreConfig, store_for
 from transforms.types import ObjectRef
 
 RUN_OUTPUTS = ('chunks', 'manifest', 'errors', 'index', 'report.json')
@@ -84,18 +84,18 @@ class ParquetFolder:
         self.refs = sorted(self._store.list(path(folder, '*.parquet')), key=lambda r: r.uri)
 
     def schema(self) -> Optional[pa.Schema]:
-        return self._file(self.refs[0]).schema_arrow if self.refs else None
+        return self.open(self.refs[0]).schema_arrow if self.refs else None
 
     def num_rows(self) -> int:
         """Rows of all files, from their footers."""
-        return sum(self._file(ref).metadata.num_rows for ref in self.refs)
+        return sum(self.open(ref).metadata.num_rows for ref in self.refs)
 
     def rows_with(self, key: str, values: pa.Array, columns: list[str]) -> pa.Table:
         """The rows whose `key` is in `values`: the key column of each row group is read
         first, the other columns only of row groups that hold a match."""
         parts = []
         for ref in self.refs:
-            parquet = self._file(ref)
+            parquet = self.open(ref)
             for group in range(parquet.num_row_groups):
                 mask = pc.is_in(parquet.read_row_group(group, columns=[key]).column(key),
                                 value_set=values)
@@ -105,7 +105,7 @@ class ParquetFolder:
 
     def batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         for ref in self.refs:
-            yield from self._file(ref).iter_batches(batch_size=batch_size, columns=columns)
+            yield from self.open(ref).iter_batches(batch_size=batch_size, columns=columns)
 
     def table(self, columns: list[str]) -> pa.Table:
         """All rows of `columns`."""
@@ -114,11 +114,17 @@ class ParquetFolder:
             return self.schema().empty_table().select(columns)
         return pa.Table.from_batches(batches)
 
-    def _file(self, ref: ObjectRef) -> pq.ParquetFile:
-        if is_local(ref.uri):
-            return pq.ParquetFile(ref.uri)
-        return pq.ParquetFile(RangedFile(lambda a, b: self._store.read_range(ref, a, b),
-                                         ref.size, name=ref.uri))
+    def open(self, ref: ObjectRef) -> pq.ParquetFile:
+        """One of the files (a listed ref), opened for reading."""
+        return open_parquet(ref, self._store)
+
+
+def open_parquet(ref: ObjectRef, store: Store) -> pq.ParquetFile:
+    """A Parquet file: local, or over ranged reads of the listed version."""
+    if is_local(ref.uri):
+        return pq.ParquetFile(ref.uri)
+    return pq.ParquetFile(RangedFile(lambda a, b: store.read_range(ref, a, b), ref.size,
+                                     name=ref.uri))
 
 
 def ensure_table(folder: str, schema: pa.Schema, config: StoreConfig = StoreConfig()) -> None:
