@@ -1,6 +1,7 @@
 """Index build time, size on disk, recall@10, query latency and build peak RSS per index type.
 
     .venv/bin/python -m bench.bench_index [--sizes 100000,1000000] [--types flat,hnsw,ivfpq]
+                                          [--workers 2] [--name index]
                                           [--work /tmp/ragbeam-bench-index] [--timeout 600]
 
 For each size, writes synthetic clustered unit vectors (tests/test_index.py's `_clustered`,
@@ -56,11 +57,13 @@ class Run:
     p50_ms: float
     p95_ms: float
     load_seconds: float
+    cli_query_seconds: float
 
 
 def prepare(folder: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Writes FOLDER/chunks with n vectors; returns (queries, exact top-10 id64s)."""
     from tests.test_index import _clustered, _write_chunks
+    from transforms.embed import HashEmbedder
 
     shutil.rmtree(folder, ignore_errors=True)
     started = time.time()
@@ -69,7 +72,7 @@ def prepare(folder: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.random.default_rng(2).integers(-2**63, 2**63 - 1, n, dtype=np.int64)
     print(f'{n}: generated in {time.time() - started:.1f} s', flush=True)
     started = time.time()
-    _write_chunks(folder / 'chunks', vectors, ids, FILES)
+    _write_chunks(folder / 'chunks', vectors, ids, FILES, model=HashEmbedder.name)
     print(f'{n}: wrote {FILES} Parquet files in {time.time() - started:.1f} s', flush=True)
     started = time.time()
     truth = _exact(vectors, queries)
@@ -100,13 +103,14 @@ def _dir_bytes(path: Path) -> int:
 
 
 def measure(folder: Path, n: int, kind: str, queries: np.ndarray, truth: np.ndarray,
-            timeout: int) -> Run:
+            timeout: int, workers: int) -> Run:
     """Builds one index type in a measured subprocess, then its size, recall and latency."""
     from transforms.index import Searcher
 
     shutil.rmtree(folder / 'index', ignore_errors=True)
     cmd = ['timeout', str(timeout), sys.executable, '-m', 'pipeline', 'index',
-           '--output', str(folder), '--index-type', kind]
+           '--output', str(folder), '--index-type', kind, f'--direct_num_workers={workers}',
+           '--direct_running_mode=multi_processing']
     build = run_measured(cmd, cwd=str(REPO))
     if build.returncode:
         status = 'timeout' if build.returncode in (124, 137) else 'failed'
@@ -114,7 +118,7 @@ def measure(folder: Path, n: int, kind: str, queries: np.ndarray, truth: np.ndar
               f'{build.wall_seconds:.0f} s\n{build.output[-2000:]}', flush=True)
         nan = float('nan')
         return Run(kind, n, status, build.wall_seconds, build.peak_rss_mb, nan, nan, nan, nan,
-                   nan, nan)
+                   nan, nan, nan)
     size = _dir_bytes(folder / 'index')
     started = time.time()
     searcher = Searcher(str(folder))
@@ -128,19 +132,23 @@ def measure(folder: Path, n: int, kind: str, queries: np.ndarray, truth: np.ndar
         searcher.search(q, K)
         times.append(time.perf_counter() - started)
     del searcher
+    cli = run_measured([sys.executable, '-m', 'pipeline', 'query', '--output', str(folder),
+                        '--json', 'what is the generic syntax of a URI'], cwd=str(REPO))
     return Run(kind, n, 'ok', build.wall_seconds, build.peak_rss_mb, size / 2**20, size / n,
                recall, 1000 * float(np.percentile(times, 50)),
-               1000 * float(np.percentile(times, 95)), load)
+               1000 * float(np.percentile(times, 95)), load,
+               cli.wall_seconds if cli.returncode == 0 else float('nan'))
 
 
 def _print(runs: list[Run]) -> None:
     print(f"\n{'type':>6} {'vectors':>8} {'status':>7} {'build s':>8} {'peak RSS MB':>11} "
           f"{'index MB':>9} {'B/vector':>9} {'recall@10':>9} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'load s':>7}")
+          f"{'load s':>7} {'query cmd s':>11}")
     for r in runs:
         print(f'{r.index_type:>6} {r.vectors:8d} {r.status:>7} {r.build_seconds:8.1f} '
               f'{r.peak_rss_mb:11.1f} {r.index_mb:9.1f} {r.index_bytes_per_vector:9.1f} '
-              f'{r.recall_at_10:9.4f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} {r.load_seconds:7.2f}')
+              f'{r.recall_at_10:9.4f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} {r.load_seconds:7.2f} '
+              f'{r.cli_query_seconds:11.2f}')
 
 
 def _summary(runs: list[Run]) -> dict:
@@ -154,6 +162,9 @@ def _summary(runs: list[Run]) -> dict:
         'max_p50_ms': {str(n): round(max(r.p50_ms for r in ok if r.vectors == n), 3)
                        for n in sorted({r.vectors for r in ok})},
         'latency_target_met': all(r.p50_ms < LATENCY_TARGET_MS for r in ok),
+        'max_query_command_s': {str(n): round(max(r.cli_query_seconds for r in ok
+                                                  if r.vectors == n), 2)
+                                for n in sorted({r.vectors for r in ok})},
     }
     if ivfpq:
         big = max(ivfpq, key=lambda r: r.vectors)
@@ -212,6 +223,8 @@ def main() -> None:
     parser.add_argument('--types', default='flat,hnsw,ivfpq')
     parser.add_argument('--work', default='/tmp/ragbeam-bench-index')
     parser.add_argument('--timeout', type=int, default=600, help='seconds one build may take')
+    parser.add_argument('--workers', type=int, default=2, help='Beam workers of a build')
+    parser.add_argument('--name', default='index', help='report name: OUT/NAME.json and .png')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     parser.add_argument('--keep', action='store_true', help='keep the synthetic chunks')
     args = parser.parse_args()
@@ -222,7 +235,7 @@ def main() -> None:
         folder = Path(args.work) / str(n)
         queries, truth = prepare(folder, n)
         for kind in types:
-            runs.append(measure(folder, n, kind, queries, truth, args.timeout))
+            runs.append(measure(folder, n, kind, queries, truth, args.timeout, args.workers))
             _print(runs[-1:])
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -230,7 +243,8 @@ def main() -> None:
     summary = _summary(runs)
     for key, value in summary.items():
         print(f'{key}: {value}')
-    save_report(args.out, 'index', runs, summary, _chart, sizes=sizes, types=types,
+    save_report(args.out, args.name, runs, summary, _chart, sizes=sizes, types=types,
+                workers=args.workers,
                 queries=QUERIES, latency_queries=LATENCY_QUERIES, k=K, files=FILES,
                 build_timeout_s=args.timeout, dim=384, omp_threads=os.cpu_count())
 

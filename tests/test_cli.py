@@ -19,6 +19,8 @@ from tests.conftest import CORPUS, ragbeam
      'not a byte size'),
     (['run', '--output', '{tmp}/o'], '--input'),
     (['query', '--output', '{tmp}/nothing', 'hello'], 'no index'),
+    (['index', '--output', '{tmp}/o', '--direct_num_wokers', '2'],
+     'unknown option --direct_num_wokers'),
 ])
 def test_usage_errors_are_one_line(tmp_path, args, message):
     proc = ragbeam(*[a.format(tmp=tmp_path) for a in args], check=False)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import apache_beam as beam
 import faiss
@@ -13,7 +15,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from tests.conftest import ragbeam
+from tests.conftest import CORPUS, check_output, ragbeam
 from transforms.index import Searcher, build_index, choose_type
 from transforms.write import chunk_schema
 
@@ -37,7 +39,8 @@ def _clustered(n: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _write_chunks(folder, vectors: np.ndarray, ids: np.ndarray, files: int) -> None:
+def _write_chunks(folder, vectors: np.ndarray, ids: np.ndarray, files: int,
+                  model: str = 'synthetic') -> None:
     folder.mkdir(parents=True)
     schema = chunk_schema(DIM)
     for n, part in enumerate(np.array_split(np.arange(len(ids)), files)):
@@ -49,7 +52,7 @@ def _write_chunks(folder, vectors: np.ndarray, ids: np.ndarray, files: int) -> N
             'page': pa.nulls(rows, pa.int32()), 'start': pa.array(part.astype(np.int64)),
             'end': pa.array(part.astype(np.int64) + 1), 'text': pa.array(['x'] * rows),
             'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors[part].reshape(-1)), DIM),
-            'model': pa.array(['synthetic'] * rows), 'encoding': pa.array(['utf-8'] * rows),
+            'model': pa.array([model] * rows), 'encoding': pa.array(['utf-8'] * rows),
         }, schema=schema)
         pq.write_table(table, folder / f'part-{n:03d}.parquet', row_group_size=4096)
 
@@ -120,12 +123,32 @@ def test_hnsw_recall(synthetic):
     assert _recall_at_10(out, queries, ids[:50_000][nearest]) >= 0.95
 
 
-def test_a_uri_prefix_keeps_results_to_one_object(text_run):
-    hits = json.loads(ragbeam('query', '--output', text_run, '--json', '-k', '5', '--uri-prefix',
-                              str(text_run.parent.parent), 'uniform resource identifier').stdout)
+@pytest.fixture(scope='module')
+def ivfpq_run(text_run, tmp_path_factory) -> Path:
+    """A copy of the text run with its index rebuilt as ivfpq by two worker processes."""
+    out = tmp_path_factory.mktemp('ivfpq') / 'out'
+    shutil.copytree(text_run, out)
+    ragbeam('index', '--output', out, '--index-type', 'ivfpq', '--direct_num_workers=2',
+            '--direct_running_mode=multi_processing')
+    return out
+
+
+def test_ivfpq_over_a_run_meets_the_contracts(ivfpq_run):
+    check_output(ivfpq_run, '--input', CORPUS / 'text')
+    meta = json.loads((ivfpq_run / 'index' / 'index.json').read_text())
+    assert meta['type'] == 'ivfpq' and sorted(p.name for p in (ivfpq_run / 'index').iterdir()) == [
+        'faiss.index', 'faiss.ivfdata', 'index.json', 'rerank-00000.ids.npy',
+        'rerank-00000.sq8.npy', 'rerank.sq8']
+
+
+@pytest.mark.parametrize('run', ['text_run', 'ivfpq_run'])
+def test_a_uri_prefix_keeps_results_to_one_object(run, request):
+    out = request.getfixturevalue(run)
+    hits = json.loads(ragbeam('query', '--output', out, '--json', '-k', '5', '--uri-prefix',
+                              str(out.parent.parent), 'uniform resource identifier').stdout)
     assert hits == []  # no object lives under the output's own folder
-    uris = ds.dataset(text_run / 'chunks').to_table(columns=['uri']).column('uri').to_pylist()
+    uris = ds.dataset(out / 'chunks').to_table(columns=['uri']).column('uri').to_pylist()
     prefix = min(set(uris), key=lambda u: (uris.count(u) < 5, u))  # an object with 5+ chunks
-    hits = json.loads(ragbeam('query', '--output', text_run, '--json', '-k', '5',
+    hits = json.loads(ragbeam('query', '--output', out, '--json', '-k', '5',
                               '--uri-prefix', prefix, 'uniform resource identifier').stdout)
     assert len(hits) == 5 and {h['uri'] for h in hits} == {prefix}

@@ -160,8 +160,8 @@ def vectors(part: RowGroups, config: StoreConfig, dim: int) -> Iterator[tuple]:
     parquet = outputs.open_parquet(part.ref, store_for(part.ref.uri, config))
     skip = np.asarray(part.skip, dtype=np.int64)
     offset = 0
-    for batch in parquet.iter_batches(BATCH_ROWS, row_groups=list(part.groups),
-                                      columns=['id64', 'embedding']):
+    for batch in outputs.row_group_batches(parquet, part.groups, ['id64', 'embedding'],
+                                           BATCH_ROWS):
         keep = np.ones(batch.num_rows, dtype=bool)
         keep[skip[(skip >= offset) & (skip < offset + batch.num_rows)] - offset] = False
         offset += batch.num_rows
@@ -302,10 +302,9 @@ class AddShard(beam.DoFn):
                 filled += len(batch_ids)
         order = np.argsort(ids, kind='stable')
         name = _rerank_name(shard.number)
-        _save_npy(outputs.path(self._dir, f'{name}.ids.npy'), ids[order])
-        del ids
-        _save_npy(outputs.path(self._dir, f'{name}.sq8.npy'), codes[order])
-        del codes
+        _save_npy(outputs.path(self._dir, f'{name}.ids.npy'), ids, order)
+        _save_npy(outputs.path(self._dir, f'{name}.sq8.npy'), codes, order)
+        del ids, codes
         with _writable(outputs.path(self._dir, SHARDS_DIR, _shard_name(shard.number))) as local:
             faiss.write_index(ivf, local)
         yield filled
@@ -365,9 +364,14 @@ def _local_copy(file_path: str, folder: str) -> str:
     return local
 
 
-def _save_npy(file_path: str, array: np.ndarray) -> None:
-    with _writable(file_path) as local:
-        np.save(local, array)
+def _save_npy(file_path: str, array: np.ndarray, order: np.ndarray) -> None:
+    """Writes `array[order]` as a .npy file, in blocks of rows (no second copy of it)."""
+    with _writable(file_path) as local, open(local, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {
+            'descr': np.lib.format.dtype_to_descr(array.dtype), 'fortran_order': False,
+            'shape': (len(order),) + array.shape[1:]})
+        for start in range(0, len(order), BATCH_ROWS):
+            f.write(array[order[start:start + BATCH_ROWS]].tobytes())
 
 
 @contextlib.contextmanager
