@@ -99,10 +99,12 @@ def test_a_repeated_id_is_added_once(synthetic, tmp_path):
     vectors, ids, *_ = synthetic
     repeated = np.concatenate([ids[:3000], ids[1000:2000]])  # as a retried write could leave
     _write_chunks(tmp_path / 'chunks', vectors[:4000], repeated, 3)
-    for kind in ('flat', 'ivfpq'):
+    for kind in ('ivfpq', 'flat'):
         meta = build_index(str(tmp_path), kind, shard_rows=1000)
         assert meta['count'] == 3000
         assert np.array_equal(Searcher(str(tmp_path)).ids(), np.sort(ids[:3000]))
+    # a rebuild leaves nothing of the earlier type's files
+    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == ['faiss.index', 'index.json']
 
 
 def test_too_few_vectors_for_ivfpq_build_flat(synthetic, tmp_path):

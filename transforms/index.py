@@ -189,6 +189,7 @@ def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(
     chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config)
     chunk_plan = plan(chunks)
     kind = choose_type(index_type, chunk_plan.count, chunk_plan.dim, memory_mb)
+    outputs.remove(output, ['index'])  # an earlier index's files, of any type
     index_dir = outputs.path(output, 'index')
     if kind == 'ivfpq':
         search = _build_ivfpq(index_dir, chunks, chunk_plan, config, pipeline, shard_rows)
@@ -243,9 +244,9 @@ def _build_ivfpq(index_dir: str, chunks: outputs.ParquetFolder, chunk_plan: Plan
             _check_count(merged.ntotal, chunk_plan.count)
             with _writable(outputs.path(index_dir, INDEX_FILE)) as local:
                 faiss.write_index(merged, local)
-    _remove_staging(index_dir)
+    outputs.remove(index_dir, [TRAINED_FILE, SHARDS_DIR])
     return {'nprobe': IVF_NPROBE, 'k_factor': IVF_RERANK, 'codec': CODEC_FILE,
-            'rerank': [f'{_rerank_name(s.number)}' for s in shards]}
+            'rerank': [_rerank_name(s.number) for s in shards]}
 
 
 def _train_ivfpq(chunks: outputs.ParquetFolder, chunk_plan: Plan):
@@ -316,17 +317,6 @@ def _shard_name(number: int) -> str:
 
 def _rerank_name(number: int) -> str:
     return f'rerank-{number:05d}'
-
-
-def _remove_staging(index_dir: str) -> None:
-    """The trained index and the shards' lists, once merged (a bucket has no folders)."""
-    staged = [outputs.path(index_dir, TRAINED_FILE)]
-    shards = outputs.path(index_dir, SHARDS_DIR)
-    if outputs.is_local(shards):
-        staged.append(shards)
-    else:
-        staged += [m.path for m in FileSystems.match([outputs.path(shards, '*')])[0].metadata_list]
-    FileSystems.delete(staged)
 
 
 def _check_count(added: int, expected: int) -> None:

@@ -54,10 +54,16 @@ def prepare(output: str) -> None:
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem's error means the same thing to the user
         raise OutputError(f'cannot write to --output {output}: {e}') from e
-    stale = [p for p in (path(output, name) for name in RUN_OUTPUTS) if FileSystems.exists(p)]
-    if not is_local(output):  # buckets have no folders: every object under each prefix
-        stale += [m.path for name in RUN_OUTPUTS
-                  for m in FileSystems.match([path(output, name, '**')])[0].metadata_list]
+    remove(output, RUN_OUTPUTS)
+
+
+def remove(folder: str, names: Iterable[str]) -> None:
+    """Deletes the files and folders `names` under `folder`, where they exist."""
+    names = list(names)
+    stale = [p for p in (path(folder, name) for name in names) if FileSystems.exists(p)]
+    if not is_local(folder):  # buckets have no folders: every object under each prefix
+        stale += [m.path for name in names
+                  for m in FileSystems.match([path(folder, name, '**')])[0].metadata_list]
     if stale:
         FileSystems.delete(stale)
 
