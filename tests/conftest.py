@@ -53,6 +53,7 @@ def text_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('RAGBEAM_CACHE', str(tmp_path / 'ragbeam-cache'))  # not the user's
     os.environ.setdefault('PYTHONHASHSEED', '0')

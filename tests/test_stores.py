@@ -174,6 +174,13 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
     again = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                                s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
     assert again[0]['chunk_id'] == hits[0]['chunk_id']
+    # queries search a local copy of the bucket's index, fetched again when it changes
+    cached, = Path(os.environ['RAGBEAM_CACHE']).iterdir()
+    assert (cached / 'faiss.ivfdata').exists()
+    ragbeam('index', '--output', 's3://results/run1', '--s3-endpoint-url', s3.endpoint,
+            '--index-type', 'flat')
+    ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url', s3.endpoint, 'URI')
+    assert sorted(p.name for p in cached.iterdir()) == ['.stamp', 'faiss.index', 'index.json']
 
 
 def test_gcs_gives_the_same_chunks_as_local(gcs, text_run, tmp_path):

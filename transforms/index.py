@@ -15,6 +15,8 @@ ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer), rerank-NNNNN.{ids,s
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -378,25 +380,46 @@ def _quiet_stdout() -> Iterator[None]:
             os.close(saved)
 
 
+CACHE_ENV = 'RAGBEAM_CACHE'
+
+
+def cached_copy(index_dir: str) -> str:
+    """A local copy of a bucket's index folder under $RAGBEAM_CACHE (default ~/.cache/ragbeam),
+    fetched again only when the folder's files, sizes or times changed."""
+    files = sorted(FileSystems.match([outputs.path(index_dir, '*')])[0].metadata_list,
+                   key=lambda m: m.path)
+    stamp = json.dumps([(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in files])
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'ragbeam')
+    folder = os.path.join(root, 'index-' + hashlib.sha256(index_dir.encode()).hexdigest()[:16])
+    stamp_file = os.path.join(folder, '.stamp')
+    if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+        return folder
+    os.makedirs(root, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix='fetching-', dir=root)
+    for m in files:
+        _local_copy(m.path, fresh)
+    with open(os.path.join(fresh, '.stamp'), 'w') as f:
+        f.write(stamp)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(fresh, folder)
+    except OSError:  # another query put its copy there first
+        shutil.rmtree(fresh, ignore_errors=True)
+    return folder
+
+
 class Searcher:
     """A loaded index and the search settings it was built with.
 
-    ivfpq's lists and re-rank codes stay on disk, memory-mapped; for an output in a bucket
-    the index folder is first copied to a temporary folder.
+    ivfpq's lists and re-rank codes stay on disk, memory-mapped; an output in a bucket is
+    searched from a local copy of its index folder (`cached_copy`).
     """
 
     def __init__(self, output: str):
         index_dir = outputs.path(output, 'index')
-        self.meta = outputs.read_json(outputs.path(index_dir, 'index.json'))
+        folder = index_dir if outputs.is_local(index_dir) else cached_copy(index_dir)
+        self.meta = outputs.read_json(os.path.join(folder, 'index.json'))
         self._params = self.meta.get('search') or {}
-        self._tmp = None
-        if outputs.is_local(index_dir):
-            folder = index_dir
-        else:
-            self._tmp = tempfile.TemporaryDirectory(prefix='ragbeam-index-')
-            folder = self._tmp.name
-            for m in FileSystems.match([outputs.path(index_dir, '*')])[0].metadata_list:
-                _local_copy(m.path, folder)
         with _quiet_stdout():
             self._index = faiss.read_index(os.path.join(folder, self.meta['file']),
                                            faiss.IO_FLAG_ONDISK_SAME_DIR)
