@@ -1,6 +1,8 @@
 """Embedders and the batched DoFn that applies one, loaded once per worker process."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import itertools
@@ -130,6 +132,7 @@ class MiniLMEmbedder(Embedder):
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
         if device == 'cpu':
             torch.set_num_threads(self._threads or len(os.sched_getaffinity(0)))
+            _map_large_allocations()
         self._torch = torch
         self._model = _Bert(path, device)
         self._device = device
@@ -203,6 +206,23 @@ class _Bert:
             x = norm(x + linear(F.gelu(linear(x, f'{p}.intermediate.dense')), f'{p}.output.dense'),
                      f'{p}.output.LayerNorm')
         return x
+
+
+MMAP_THRESHOLD = 4 << 20
+
+
+def _map_large_allocations() -> None:
+    """Makes glibc map every allocation of 4 MiB or more, and unmap it when freed.
+
+    Activations of forward passes of many shapes otherwise fragment the heap, which glibc
+    does not give back: a minilm run over the shared corpus peaked at 833 MB, 757 MB with
+    this. Elsewhere than glibc it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops glibc raising it
+    except (OSError, AttributeError):
+        pass
 
 
 def _token_bounded_groups(order: list[int], encodings, budget: int) -> Iterator[list[int]]:
