@@ -79,6 +79,10 @@ class RowGroups:
     rows: int
     skip: tuple[int, ...] = ()
 
+    @property
+    def kept(self) -> int:
+        return self.rows - len(self.skip)
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -88,7 +92,7 @@ class Shard:
 
     @property
     def vectors(self) -> int:
-        return sum(p.rows - len(p.skip) for p in self.parts)
+        return sum(p.kept for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class Plan:
                 shards.append([])
                 filled = 0
             shards[-1].append(part)
-            filled += part.rows - len(part.skip)
+            filled += part.kept
         return [Shard(n, tuple(_join_consecutive(parts))) for n, parts in enumerate(shards)
                 if parts]
 
