@@ -244,12 +244,11 @@ def _build_ivfpq(index_dir: str, chunks: outputs.ParquetFolder, chunk_plan: Plan
     with tempfile.TemporaryDirectory(prefix='ragbeam-index-') as tmp, _quiet_stdout():
         shard_files = [_local_copy(outputs.path(index_dir, SHARDS_DIR, _shard_name(s.number)),
                                    tmp) for s in shards]
-        merged = faiss.read_index(_local_copy(outputs.path(index_dir, TRAINED_FILE), tmp))
         with _writable(outputs.path(index_dir, IVF_DATA_FILE)) as ivfdata:
-            merge_ondisk(merged, shard_files, ivfdata)
-            _check_count(merged.ntotal, chunk_plan.count)
+            merge_ondisk(trained, shard_files, ivfdata)  # still empty: the workers added to copies
+            _check_count(trained.ntotal, chunk_plan.count)
             with _writable(outputs.path(index_dir, INDEX_FILE)) as local:
-                faiss.write_index(merged, local)
+                faiss.write_index(trained, local)
     outputs.remove(index_dir, [TRAINED_FILE, SHARDS_DIR])
     return {'nprobe': IVF_NPROBE, 'k_factor': IVF_RERANK, 'codec': CODEC_FILE,
             'rerank': [_rerank_name(s.number) for s in shards]}

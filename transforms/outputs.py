@@ -92,10 +92,6 @@ class ParquetFolder:
     def schema(self) -> Optional[pa.Schema]:
         return self.open(self.refs[0]).schema_arrow if self.refs else None
 
-    def num_rows(self) -> int:
-        """Rows of all files, from their footers."""
-        return sum(self.open(ref).metadata.num_rows for ref in self.refs)
-
     def rows_with(self, key: str, values: pa.Array, columns: list[str]) -> pa.Table:
         """The rows whose `key` is in `values`: the key column of each row group is read
         first, the other columns only of row groups that hold a match."""
