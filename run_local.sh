@@ -28,7 +28,7 @@ setup() {
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # torch first and pinned: anything that asks for an unpinned torch would pull CUDA
         "$VENV/bin/python" -m pip install -q torch==2.13.0
-        "$VENV/bin/python" -m pip install -q -e ".[test,minilm]"
+        "$VENV/bin/python" -m pip install -q -e ".[test,minilm,entities]"
         echo "$want" > "$stamp"
     fi
 }

@@ -30,20 +30,18 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from bench.generate import write_text
 from bench.measure import run_measured, save_figure, save_report, warm_cache
 from pipeline.options import parse_size
-from transforms.batch import BatchBounded
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, detect_encoding
-from transforms.embed import EmbedChunks
-from transforms.read_text import is_blank
+from transforms.embed import Embed, EmbedOptions
+from transforms.readers import is_blank
 from transforms.store import store_for
 from transforms.types import Chunk
-from transforms.write import WriteChunkTables, chunk_schema
+from transforms.write import WriteChunks
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 # ragbeam's defaults, which the naive pipeline copies
 EMBEDDER = 'hash'
-DIM = 384
 BATCH_COUNT = 256
 BATCH_BYTES = 4 << 20
 
@@ -83,20 +81,19 @@ def whole_file_chunks(rf: fileio.ReadableFile, settings: ChunkerSettings) -> Ite
         if is_blank(text):
             continue
         cid, id64 = chunk_id(ref.uri, ref.version, None, start, end, tag)
-        yield Chunk(cid, id64, ref.uri, ref.version, 'text', None, start, end, text, enc.codec)
+        yield Chunk(cid, id64, ref.uri, ref.version, 'text', None, start, end, text,
+                    encoding=enc.codec)
 
 
 def build_naive(p: beam.Pipeline, pattern: str, output: str) -> None:
-    """MatchFiles -> ReadMatches -> whole-file chunks -> ragbeam's batch, embed and write."""
-    schema = chunk_schema(DIM)
+    """MatchFiles -> ReadMatches -> whole-file chunks -> ragbeam's embed and write."""
+    options = EmbedOptions(embedder=EMBEDDER, batch_size=BATCH_COUNT, batch_bytes=BATCH_BYTES)
     _ = (p
          | 'Match' >> fileio.MatchFiles(pattern)
          | 'Read' >> fileio.ReadMatches()
          | 'Chunk' >> beam.FlatMap(whole_file_chunks, ChunkerSettings())
-         | 'EmbedBatches' >> beam.ParDo(
-             BatchBounded(BATCH_COUNT, BATCH_BYTES, weight=lambda c: len(c.text)))
-         | 'Embed' >> beam.ParDo(EmbedChunks(EMBEDDER, schema))
-         | 'WriteChunks' >> WriteChunkTables(os.path.join(output, 'chunks', 'chunks'), schema))
+         | 'Embed' >> Embed(options)
+         | 'WriteChunks' >> WriteChunks(os.path.join(output, 'chunks', 'chunks'), options.dim))
 
 
 def run_naive(pattern: str, output: str) -> None:

@@ -11,50 +11,49 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from pipeline import report as reporting
 from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
 from transforms import index, outputs
-from transforms.embed import EMBEDDERS, describe_embedder
-from transforms.listing import ListObjects, check_patterns, skip_reason
+from transforms.embed import Embed, describe_embedder
+from transforms.entities import ExtractEntities
+from transforms.listing import ListObjects, check_patterns
 from transforms.manifest import BuildManifest
-from transforms.pdf import OpenPdfs, ReadPdfChunks
-from transforms.read_text import ERRORS, PDFS, STATS, ReadTextChunks, looks_like_pdf
+from transforms.pdf import ReadPdfs
+from transforms.read_text import ReadText
+from transforms.route import Route
 from transforms.store import StoreConfig
-from transforms.write import EmbedAndWrite, WriteErrors, WriteManifest, chunk_schema
+from transforms.types import chunk_schema
+from transforms.write import WriteChunks, WriteErrors, WriteManifest
 
 _log = logging.getLogger(__name__)
 
 
 def build(p: beam.Pipeline, opts: RunOptions) -> None:
-    """Adds the ingestion graph: list -> read+chunk (SDF) -> embed -> Parquet; manifest; errors.
+    """Adds the ingestion graph: list -> route -> read -> enrich -> embed -> write, plus the
+    manifest of every listed object and the error records.
 
-    Chunk text and embeddings stay on one fused path from the read to the Parquet write;
+    Chunk text and embeddings stay on one fused path from each reader to its Parquet sink;
     only object refs, stats and error records cross a shuffle.
     """
     out = opts.output
-    refs = p | 'ListObjects' >> ListObjects(opts.inputs, opts.store)
-    skipped = refs | 'SkipBySize' >> beam.FlatMapTuple(
-        lambda uri, ref: [(uri, r)] if (r := skip_reason(ref, opts.max_object_bytes)) else [])
-    to_read = refs | 'ToRead' >> beam.FlatMapTuple(
-        lambda uri, ref: [] if skip_reason(ref, opts.max_object_bytes) else [ref])
-    named_pdf, maybe_text = to_read | 'ByName' >> beam.Partition(
-        lambda ref, _: 0 if looks_like_pdf(ref.uri) else 1, 2)
-    text = maybe_text | 'ReadText' >> beam.ParDo(
-        ReadTextChunks(opts.chunker, opts.window_bytes, opts.split_bytes, opts.store)
-    ).with_outputs(ERRORS, STATS, PDFS, main='chunks')
-    pdfs = (named_pdf, text[PDFS]) | 'AllPdfs' >> beam.Flatten()
-    opened = pdfs | 'OpenPdfs' >> beam.ParDo(OpenPdfs(opts.pdf, opts.store)).with_outputs(
-        ERRORS, STATS, main='documents')
-    pages = opened.documents | 'ReadPdfPages' >> beam.ParDo(
-        ReadPdfChunks(opts.chunker, opts.pdf, opts.store)).with_outputs(ERRORS, STATS, main='chunks')
-    # Each reader embeds and writes its own chunks: a Flatten of the two would be a fusion
-    # break that holds every chunk in memory on the FnApiRunner.
-    for name, read in (('text', text), ('pdf', pages)):
-        _ = read.chunks | f'EmbedAndWrite/{name}' >> EmbedAndWrite(
-            outputs.path(out, 'chunks', name), opts.embedder, opts.embed_batch_size,
-            opts.embed_batch_bytes, opts.device)
-    stats = (text[STATS], opened[STATS], pages[STATS]) | 'AllStats' >> beam.Flatten()
-    _ = ((refs, stats, skipped)
+    listed = p | 'List' >> ListObjects(opts.inputs, opts.store)
+    routes = listed | 'Route' >> Route(opts.route)
+    text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store)
+    pdfs = ((routes.pdf, text.handed_off) | 'AllPdfs' >> beam.Flatten()
+            | 'ReadPdfs' >> ReadPdfs(opts.chunker, opts.pdf, opts.store))
+    # PDF headers that do not open as PDFs: read as text after all
+    not_pdfs = pdfs.handed_off | 'ReadNotPdfs' >> ReadText(opts.chunker, opts.text, opts.store,
+                                                           sniff_pdfs=False)
+    reads = {'text': text, 'pdf': pdfs, 'notpdf': not_pdfs}
+    # Each reader's chunks are enriched, embedded and written on their own path: a Flatten
+    # of them would be a fusion break that holds every chunk in memory on the FnApiRunner.
+    for name, read in reads.items():
+        _ = (read.chunks
+             | f'Enrich/{name}' >> ExtractEntities(opts.entities)
+             | f'Embed/{name}' >> Embed(opts.embed)
+             | f'Write/{name}' >> WriteChunks(outputs.path(out, 'chunks', name), opts.embed.dim))
+    stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
+    _ = ((listed, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
          | 'WriteManifest' >> WriteManifest(outputs.path(out, 'manifest', 'manifest')))
-    _ = ((text[ERRORS], opened[ERRORS], pages[ERRORS])
+    _ = (tuple(r.errors for r in reads.values())
          | 'AllErrors' >> beam.Flatten()
          | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors')))
 
@@ -86,8 +85,8 @@ def run(opts: RunOptions) -> dict | None:
     build(p, opts)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embedder,
-              describe_embedder(opts.embedder), options.view_as(StandardOptions).runner
+    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embed.embedder,
+              describe_embedder(opts.embed.embedder), options.view_as(StandardOptions).runner
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
     result = p.run()
     if dry_run:
@@ -95,12 +94,12 @@ def run(opts: RunOptions) -> dict | None:
                      'no report and no index are built')
         return None
     result.wait_until_finish()
-    outputs.ensure_table(outputs.path(opts.output, 'chunks'),
-                         chunk_schema(EMBEDDERS[opts.embedder]().dim), opts.store)
+    outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(opts.embed.dim),
+                         opts.store)
     index_meta = None
-    if opts.index_type != 'none':
-        index_meta = index.build_index(opts.output, opts.index_type, opts.store,
-                                       opts.index_memory_mb,
+    if opts.index.type != 'none':
+        index_meta = index.build_index(opts.output, opts.index.type, opts.store,
+                                       opts.index.memory_mb,
                                        lambda: make_pipeline(opts.beam_args, opts.store))
     report = reporting.summarise(opts, index_meta, counters(result),
                                  wall_seconds=time.time() - started, peak_rss_mb=peak_rss_mb())

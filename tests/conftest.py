@@ -1,6 +1,7 @@
 """Shared fixtures: the shared corpus, running the `ragbeam` command, checking outputs."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -19,6 +20,36 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
 CORPUS = SHARED / 'corpus'
 CHECK = SHARED / 'checks' / 'check_output.py'
+HAVE_SHARED = (CORPUS / 'MANIFEST.tsv').is_file() and CHECK.is_file()
+# .ci/run sets this: there, a missing shared corpus is an error, not a reason to skip
+REQUIRE_SHARED = os.environ.get('RAGBEAM_REQUIRE_SHARED') == '1'
+SHARED_MISSING = (f'needs the shared corpus and contract checker at {SHARED} '
+                  '(a checkout beside the workspace\'s shared/ folder)')
+
+
+def pytest_configure(config):
+    if REQUIRE_SHARED and not HAVE_SHARED:
+        raise pytest.UsageError(f'RAGBEAM_REQUIRE_SHARED=1, but {SHARED_MISSING.split(" ", 1)[1]}')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ../shared, the tests of modules that use the corpus skip, with one reason."""
+    if HAVE_SHARED:
+        return
+    skip = pytest.mark.skip(reason=SHARED_MISSING)
+    for item in items:
+        if getattr(item.module, 'CORPUS', None) is CORPUS:
+            item.add_marker(skip)
+
+
+def corpus_manifest(kind: str) -> list[dict]:
+    """The shared corpus's MANIFEST.tsv rows of one kind (text or pdf), each with its `file`
+    path added; none without the shared corpus (tests parametrized by them then skip)."""
+    if not HAVE_SHARED:
+        return []
+    with open(CORPUS / 'MANIFEST.tsv', newline='') as f:
+        return [dict(row, file=CORPUS / row['path'])
+                for row in csv.DictReader(f, delimiter='\t') if row['kind'] == kind]
 
 
 def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

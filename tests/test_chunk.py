@@ -1,11 +1,18 @@
-"""Property tests of the chunk rule: split points and windows never change the chunks."""
+"""Property tests of the chunk rule, through the real text DoFn: split points, dynamic splits
+and windows never change the chunks."""
 from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.helpers import chunk_spans
-from transforms.chunk import ChunkerSettings
+from tests.helpers import chunks_of, run_splittable
+from transforms.chunk import ChunkerSettings, ChunkRule
 from transforms.decode import TextEncoding, detect_encoding
+from transforms.read_text import ReadTextChunks, TextReadOptions
+from transforms.store import LocalStore, StoreConfig
 
 ENCODINGS = {
     'utf-8': (TextEncoding('utf-8', 0, 1, 'utf8'), b''),
@@ -19,9 +26,10 @@ ENCODINGS = {
 }
 PIECES = ['word', 'Ünïcödé', 'слово', '漢字テキスト', '😀🎉', ' ', '  ', '\n', '\r\n', '\r', '\n\n',
           '. ', '! ', '? ', '。', '\t', '\x00', 'a' * 300, '1234567890', 'é']
+FILES = Path(tempfile.mkdtemp(prefix='ragbeam-chunk-test-'))
 
 
-def _text(codec: str):
+def _text(codec: str, min_pieces: int = 0, max_pieces: int = 400):
     def encodable(piece: str) -> bool:
         try:
             piece.encode(codec)
@@ -29,35 +37,71 @@ def _text(codec: str):
         except UnicodeEncodeError:
             return False
     usable = [p for p in PIECES if encodable(p)]
-    return st.lists(st.sampled_from(usable), min_size=0, max_size=400).map(''.join)
+    return st.lists(st.sampled_from(usable), min_size=min_pieces, max_size=max_pieces).map(''.join)
 
 
 @st.composite
-def objects(draw):
+def objects(draw, min_pieces: int = 0, max_chunk: int = 600):
+    """(bytes in some encoding, its TextEncoding, chunker settings)."""
     name = draw(st.sampled_from(sorted(ENCODINGS)))
     enc, bom = ENCODINGS[name]
-    codec = enc.codec
-    text = draw(_text(codec))
-    data = bom + text.encode(codec)
-    size = draw(st.integers(64, 600))
-    chunker = ChunkerSettings(size, draw(st.integers(0, size // 2)))
-    splits = draw(st.lists(st.integers(0, max(1, len(data))), max_size=6))
-    window = draw(st.integers(1, 3000))
-    return data, enc, chunker, splits, window
+    data = bom + draw(_text(enc.codec, min_pieces, max(400, 2 * min_pieces))).encode(enc.codec)
+    size = draw(st.integers(64, max_chunk))
+    return data, enc, ChunkerSettings(size, draw(st.integers(0, size // 2)))
+
+
+class _File:
+    """`data` as a local file for the duration of a test example."""
+
+    def __init__(self, data: bytes):
+        self.path = Path(tempfile.mkstemp(dir=FILES)[1])
+        self.path.write_bytes(data)
+        self.ref = next(LocalStore().list(str(self.path)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink()
+
+    def read(self, chunker: ChunkerSettings, window: int, split_bytes: int,
+             split_at=lambda n: None) -> tuple[list, int]:
+        """Chunks of the real ReadTextChunks over the file, and the splits made."""
+        fn = ReadTextChunks(chunker, TextReadOptions(window, split_bytes), StoreConfig())
+        outputs, splits = run_splittable(fn, self.ref, split_at)
+        return chunks_of(outputs), splits
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(objects(min_pieces=150, max_chunk=300), st.integers(1, 5000), st.integers(64, 4000),
+       st.randoms(use_true_random=False))
+def test_dynamic_splits_do_not_change_chunks(obj, window, split_bytes, rnd):
+    """Initial splits, windows and try_split at random points while a restriction runs (what
+    Dataflow and Prism do) give the same chunks as one unsplit read."""
+    data, _, chunker = obj
+    decide = lambda n: 0.5 if n == 1 else (rnd.random() if rnd.random() < 0.3 else None)  # noqa: E731
+    with _File(data) as f:
+        reference, _ = f.read(chunker, 1 << 30, 1 << 40)
+        split, splits = f.read(chunker, window, max(split_bytes, chunker.size), decide)
+    assert split == reference
+    assert len({c[3] for c in split}) == len(split)  # each chunk once
+    if reference:
+        assert splits >= 1  # the first output of the first restriction always splits
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(objects())
-def test_chunks_do_not_depend_on_splits_or_windows(obj):
-    data, enc, chunker, splits, window = obj
-    reference = chunk_spans(data, enc, chunker, [], 1 << 30)
-    assert chunk_spans(data, enc, chunker, splits, window) == reference
-    # full, ordered coverage of [bom, end) with byte-exact, decodable spans
+def test_chunks_cover_the_text_in_order_and_decode(obj):
+    """For every encoding family: full, ordered coverage of [bom, end) with byte-exact,
+    decodable spans of bounded size that never split a character."""
+    data, enc, chunker = obj
+    rule = ChunkRule(chunker, enc, len(data))
+    spans = list(rule.spans(lambda a, b: data[a:b], lambda pos: pos < len(data), 0))
     pos = enc.bom
-    for start, end in reference:
+    for start, end in spans:
         assert enc.bom <= start <= pos < end <= len(data)
         assert end - start <= 2 * (chunker.size + chunker.overlap) + 16 or enc.family == 'multibyte'
-        data[start:end].decode(enc.codec)  # never splits a character
+        data[start:end].decode(enc.codec)
         if enc.unit > 1:
             assert (start - enc.bom) % enc.unit == 0 and (end - enc.bom) % enc.unit == 0
         pos = end
@@ -93,14 +137,18 @@ def test_utf16_without_bom_is_recognised(text, codec):
 
 def test_a_single_line_without_spaces_still_chunks():
     data = b'x' * 4_000_000  # a 4 MB single line, no separator at all
-    enc = detect_encoding(data[:65536], len(data))
-    spans = chunk_spans(data, enc, ChunkerSettings(), [1_000_003, 2_500_000], 16384)
-    assert spans == chunk_spans(data, enc, ChunkerSettings(), [], 1 << 30)
-    assert spans[0] == (0, 1000) and spans[-1][1] == len(data)
-    assert all(e - s <= 1100 for s, e in spans)
+    rnd = random.Random(7)
+    with _File(data) as f:
+        split, splits = f.read(ChunkerSettings(), 16384, 1_000_003,
+                               lambda n: rnd.random() if n % 500 == 0 else None)
+        reference, _ = f.read(ChunkerSettings(), 1 << 30, 1 << 40)
+    assert split == reference and splits > 0
+    assert reference[0][:2] == (0, 1000) and reference[-1][1] == len(data)
+    assert all(e - s <= 1100 for s, e, _, _ in reference)
 
 
 def test_lone_carriage_returns_are_line_breaks():
     data = ('line of text\r' * 400).encode()
-    spans = chunk_spans(data, detect_encoding(data, len(data)), ChunkerSettings(), [], 1 << 30)
-    assert all(data[e - 1:e] == b'\r' for _, e in spans[:-1])
+    with _File(data) as f:
+        chunks, _ = f.read(ChunkerSettings(), 1 << 20, 1 << 40)
+    assert chunks and all(text.endswith('\r') for _, _, text, _ in chunks)

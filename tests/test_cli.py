@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import CORPUS, ragbeam
+from tests.conftest import CORPUS, ROOT, ragbeam
 
 
 @pytest.mark.parametrize('args,message', [
@@ -21,6 +21,13 @@ from tests.conftest import CORPUS, ragbeam
     (['query', '--output', '{tmp}/nothing', 'hello'], 'no index'),
     (['index', '--output', '{tmp}/o', '--direct_num_wokers', '2'],
      'unknown option --direct_num_wokers'),
+    (['index', '--output', '{tmp}/never-ran'], 'no chunk table'),
+    (['query', '--output', '{tmp}/o', '-k', '0', 'hello'], 'must be at least 1'),
+    (['query', '--output', '{tmp}/o', '-k', '-3', 'hello'], 'must be at least 1'),
+    (['query', '--output', '{tmp}/o', '--entity', 'Paris', 'hello'], 'LABEL:TEXT'),
+    (['run', '--input', str(CORPUS / 'text'), '--output', '{tmp}/o', '--runner', 'DataflowRunner',
+      '--dry_run', '--project', 'p', '--region', 'us-central1', '--temp_location', 'gs://b/tmp'],
+     'not a valid GCS bucket name'),
 ])
 def test_usage_errors_are_one_line(tmp_path, args, message):
     proc = ragbeam(*[a.format(tmp=tmp_path) for a in args], check=False)
@@ -28,6 +35,27 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('ragbeam: error:') and message in lines[0]
     assert 'Traceback' not in proc.stderr
+
+
+def test_the_readme_option_table_is_the_help(capsys):
+    """Every `ragbeam run` flag is in the README's table with its default, and nothing else."""
+    from pipeline.cli import parser
+    from pipeline.options import RunOptions, default_text, flag_fields
+
+    readme = (ROOT / 'README.md').read_text()
+    table = readme[readme.index('| option | default | meaning |'):]
+    table = table[:table.index('\n\n')]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rows[cells[0].strip('`')] = cells[1]
+    documented = {f.metadata['flag']: default_text(f) for _, f, _ in flag_fields(RunOptions)}
+    assert rows == documented
+    with pytest.raises(SystemExit):
+        parser().parse_args(['run', '--help'])
+    help_text = ' '.join(capsys.readouterr().out.split())
+    for flag, default in documented.items():
+        assert flag in help_text and f'(default: {default})' in help_text
 
 
 def test_query_finds_known_chunks(text_run):

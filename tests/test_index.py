@@ -8,7 +8,6 @@ from pathlib import Path
 import apache_beam as beam
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +16,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from tests.conftest import CORPUS, check_output, ragbeam
 from transforms.index import Searcher, build_index, choose_type
-from transforms.write import chunk_schema
+from transforms.types import Chunk, chunk_schema
+from transforms.write import chunk_table
 
 DIM = 384
 
@@ -41,20 +41,15 @@ def _clustered(n: int, seed: int) -> np.ndarray:
 
 def _write_chunks(folder, vectors: np.ndarray, ids: np.ndarray, files: int,
                   model: str = 'synthetic') -> None:
+    """Chunk files as the sink writes them (chunk_table), of synthetic chunks and vectors."""
     folder.mkdir(parents=True)
     schema = chunk_schema(DIM)
     for n, part in enumerate(np.array_split(np.arange(len(ids)), files)):
-        rows = len(part)
-        table = pa.table({
-            'chunk_id': pa.array([f'{i:x}' for i in ids[part]]), 'id64': pa.array(ids[part]),
-            'uri': pa.array([f'file:///synthetic/{i % 97}.txt' for i in part]),
-            'version': pa.array(['v'] * rows), 'kind': pa.array(['text'] * rows),
-            'page': pa.nulls(rows, pa.int32()), 'start': pa.array(part.astype(np.int64)),
-            'end': pa.array(part.astype(np.int64) + 1), 'text': pa.array(['x'] * rows),
-            'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors[part].reshape(-1)), DIM),
-            'model': pa.array([model] * rows), 'encoding': pa.array(['utf-8'] * rows),
-        }, schema=schema)
-        pq.write_table(table, folder / f'part-{n:03d}.parquet', row_group_size=4096)
+        chunks = [Chunk(f'{ids[i]:x}', int(ids[i]), f'file:///synthetic/{i % 97}.txt', 'v',
+                        'text', None, int(i), int(i) + 1, 'x', vectors[i].tobytes(), model,
+                        'utf-8') for i in part]
+        pq.write_table(chunk_table(chunks, schema), folder / f'part-{n:03d}.parquet',
+                       row_group_size=4096)
 
 
 def _recall_at_10(output, queries: np.ndarray, truth: np.ndarray) -> float:

@@ -1,7 +1,6 @@
 """PDFs: the shared corpus as its manifest describes it, ranged reads, page timeouts, memory."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -12,16 +11,14 @@ import pytest
 
 from bench.generate import write_pdf
 from bench.measure import run_measured
-from tests.conftest import CORPUS, ROOT, check_output, ragbeam
+from tests.conftest import CORPUS, ROOT, check_output, corpus_manifest, ragbeam
 from tests.servers import S3_ENV, MotoS3
 from transforms.pdf_sandbox import PdfLimits, PdfSandbox
 from transforms.store import S3Store, StoreConfig
 
 
 def _manifest_rows() -> dict[str, dict]:
-    with open(CORPUS / 'MANIFEST.tsv', newline='') as f:
-        return {row['path'].split('/', 1)[1]: row for row in csv.DictReader(f, delimiter='\t')
-                if row['kind'] == 'pdf'}
+    return {row['path'].split('/', 1)[1]: row for row in corpus_manifest('pdf')}
 
 
 def _manifest(out) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from transforms.decode import TextEncoding
@@ -60,8 +60,11 @@ _ASCII_PATTERNS = _compile_bytes(utf8=False)
 @dataclass(frozen=True)
 class ChunkerSettings:
     """Chunk size and overlap, in bytes of source text."""
-    size: int = 1000
-    overlap: int = 100
+    size: int = field(default=1000, metadata={
+        'flag': '--chunk-size', 'help': 'target chunk size in bytes of source text (at least 64)'})
+    overlap: int = field(default=100, metadata={
+        'flag': '--chunk-overlap',
+        'help': 'bytes of overlap with the previous chunk (at most half the chunk size)'})
 
     @property
     def lookback(self) -> int:

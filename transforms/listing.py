@@ -1,7 +1,7 @@
 """Listing input patterns into ObjectRefs, once per object."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -19,13 +19,6 @@ def list_pattern(pattern: str, config: StoreConfig) -> Iterator[ObjectRef]:
         _listed.inc()
         _listed_bytes.inc(ref.size)
         yield ref
-
-
-def skip_reason(ref: ObjectRef, max_object_bytes: Optional[int]) -> Optional[str]:
-    """Why an object is skipped before any read, from its listing alone (None: read it)."""
-    if max_object_bytes is not None and ref.size > max_object_bytes:
-        return f'too large: {ref.size} bytes > --max-object-bytes {max_object_bytes}'
-    return None
 
 
 class ListObjects(beam.PTransform):

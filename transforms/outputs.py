@@ -5,7 +5,7 @@ import io
 import json
 import os
 import uuid
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,6 +86,7 @@ class ParquetFolder:
     """
 
     def __init__(self, folder: str, config: StoreConfig = StoreConfig()):
+        self.folder = folder
         self._store = store_for(folder, config)
         self.refs = sorted(self._store.list(path(folder, '*.parquet')), key=lambda r: r.uri)
 

@@ -1,16 +1,18 @@
 """PDFs: opened over ranged reads, split into page ranges, extracted page by page.
 
-`OpenPdfs` opens each PDF once (trailer, cross-reference table, page tree) to count its pages
-and to fail early on broken or password-protected files. `ReadPdfChunks` is a splittable DoFn
-whose restriction is a page range: each worker re-opens the PDF over the same ranged reads and
-extracts only its pages, so one big PDF is spread over many workers and no worker holds more
-than its block cache and one page. pypdf runs in a child process (transforms.pdf_sandbox),
-so a page that takes too long or too much memory is cut off without harm to the worker.
+`ReadPdfs` hides two DoFns. `OpenPdfs` opens each PDF once (trailer, cross-reference table,
+page tree) to count its pages and to fail early on broken or password-protected files.
+`ReadPdfChunks` is a splittable DoFn whose restriction is a page range: each worker re-opens
+the PDF over the same ranged reads and extracts only its pages, so one big PDF is spread
+over many workers and no worker holds more than its block cache and one page. pypdf runs in
+a child process (transforms.pdf_sandbox), so a page that takes too long or too much memory
+is cut off without harm to the worker.
 """
 from __future__ import annotations
 
 import io
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -21,14 +23,35 @@ from apache_beam.metrics import Metrics
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
 from transforms.progress import Progress
-from transforms.read_text import (ERRORS, STATS, OffsetRangeSplits, Tally, finish_restriction,
-                                  is_blank, read_failure_reason)
+from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
+                                error_record, finish_restriction, is_blank, is_pdf_name,
+                                read_failure_reason)
 from transforms.store import StoreConfig, store_for
-from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
+from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record
 
 OCR_ENGINES = ('none', 'tesseract')
 
+_log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class PdfOptions:
+    """How PDFs are split, bounded and OCR'd."""
+    pages_per_split: int = field(default=16, metadata={
+        'flag': '--pdf-pages-per-split',
+        'help': 'initial split of one PDF: the unit of parallelism inside a big PDF'})
+    ocr: str = field(default='none', metadata={
+        'flag': '--ocr', 'choices': OCR_ENGINES,
+        'help': 'tesseract: OCR pages that have images but no text layer'})
+    limits: PdfLimits = field(default_factory=PdfLimits)
+
+    def validate(self) -> None:
+        if self.pages_per_split < 1:
+            raise ValueError('--pdf-pages-per-split must be at least 1')
+        self.limits.validate()
+
+
+@record
 @dataclass(frozen=True)
 class PdfDocument:
     """A PDF that opened, and its page count: the element of the page-range SDF."""
@@ -36,12 +59,26 @@ class PdfDocument:
     pages: int
 
 
-@dataclass(frozen=True)
-class PdfOptions:
-    """How PDFs are split, bounded and OCR'd."""
-    pages_per_split: int = 16
-    limits: PdfLimits = field(default_factory=PdfLimits)
-    ocr: str = 'none'
+class ReadPdfs(beam.PTransform):
+    """ObjectRefs of PDFs -> ReadResult: chunks of every page, errors, stats, and the refs of
+    objects that were sent here for a PDF header in their content but do not open as PDFs
+    (the text reader tries them again)."""
+
+    def __init__(self, chunker: ChunkerSettings, options: PdfOptions, store: StoreConfig):
+        super().__init__()
+        self._chunker, self._options, self._store = chunker, options, store
+
+    def expand(self, refs) -> ReadResult:
+        opened = refs | 'Open' >> beam.ParDo(OpenPdfs(self._options, self._store)).with_output_types(
+            PdfDocument, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef
+        ).with_outputs(ERRORS, STATS, HANDED_OFF, main='documents')
+        pages = opened.documents | 'ReadPages' >> beam.ParDo(
+            ReadPdfChunks(self._chunker, self._options, self._store)).with_output_types(
+            Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats]
+        ).with_outputs(ERRORS, STATS, main='chunks')
+        errors = (opened[ERRORS], pages[ERRORS]) | 'Errors' >> beam.Flatten()
+        stats = (opened[STATS], pages[STATS]) | 'Stats' >> beam.Flatten()
+        return ReadResult(pages.chunks, errors, stats, opened[HANDED_OFF])
 
 
 class _SandboxDoFn(beam.DoFn):
@@ -65,12 +102,6 @@ class _SandboxDoFn(beam.DoFn):
         return self._sandbox.open(lambda a, b: store.read_range(ref, a, b), ref.size)
 
 
-def _pdf_error(ref: ObjectRef, stage: str, e: Exception, page: Optional[int] = None) -> ErrorRecord:
-    return ErrorRecord(uri=ref.uri, stage=stage, version=ref.version, page=page,
-                       error_type=getattr(e, 'error_type', type(e).__name__),
-                       message=str(e)[:2000])
-
-
 def open_failure_reason(e: Exception) -> str:
     """The manifest reason of a PDF that could not be opened."""
     if isinstance(e, PdfError):
@@ -83,6 +114,8 @@ def open_failure_reason(e: Exception) -> str:
 class OpenPdfs(_SandboxDoFn):
     """ObjectRef -> PdfDocument, or a failed object with the reason it does not open.
 
+    An object without a .pdf name (sent for the PDF header in its content) that does not
+    open as a PDF is handed back to the text reader, with the PDF error on record.
     Its pypdf process ends with each bundle: opening is one short stage, and the idle child
     would otherwise hold ~45 MB beside the page reader's for the rest of the run.
     """
@@ -94,10 +127,17 @@ class OpenPdfs(_SandboxDoFn):
         try:
             pages = self._open(ref)
         except (PdfError, OSError) as e:
-            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'open', e))
-            yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
-                kind='pdf', bytes_read=self._sandbox.bytes_read, errors=1, status='failed',
-                reason=open_failure_reason(e))))
+            yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'open', e))
+            stats = ObjectStats(bytes_read=self._sandbox.bytes_read, errors=1)
+            if (isinstance(e, PdfError) and e.error_type != 'PasswordRequired'
+                    and not is_pdf_name(ref.uri)):
+                _log.info('ragbeam: %s has a PDF header but does not open as a PDF (%s); '
+                          'reading it as text', ref.uri, e)
+                yield beam.pvalue.TaggedOutput(HANDED_OFF, ref)
+            else:
+                stats = ObjectStats(bytes_read=stats.bytes_read, kind='pdf')
+                stats.fail(open_failure_reason(e))
+            yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
             return
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
             kind='pdf', pages=pages, bytes_read=self._sandbox.bytes_read)))
@@ -127,13 +167,13 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
 
     def process(self, doc: PdfDocument, tracker=beam.DoFn.RestrictionParam()):
         ref = doc.ref
-        tally = Tally(kind='pdf')
+        stats = ObjectStats(kind='pdf')
         try:
             self._open(ref)
         except (PdfError, OSError) as e:
             finish_restriction(tracker)
-            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'open', e))
-            tally.fail('failed', open_failure_reason(e))
+            yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'open', e))
+            stats.fail(open_failure_reason(e))
         else:
             first = tracker.current_restriction().start
             progress = Progress(ref.uri, first, tracker.current_restriction().stop, 'page')
@@ -141,26 +181,26 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
                 if not tracker.try_claim(index):
                     break
                 progress.update(index)
-                yield from self._page_chunks(ref, index, tally)
+                yield from self._page_chunks(ref, index, stats)
             self._pages.inc(tracker.current_restriction().stop - first)
-        tally.bytes_read = self._sandbox.bytes_read
-        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, tally.stats()))
+        stats.bytes_read = self._sandbox.bytes_read
+        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
 
-    def _page_chunks(self, ref: ObjectRef, index: int, tally: Tally) -> Iterator:
+    def _page_chunks(self, ref: ObjectRef, index: int, stats: ObjectStats) -> Iterator:
         page = index + 1
         try:
             text, has_images = self._sandbox.page(index)
             if is_blank(text) and has_images:
                 if self._options.ocr != 'tesseract':
-                    tally.ocr_needed += 1
+                    stats.ocr_needed += 1
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         uri=ref.uri, stage='ocr', error_type='ocr_needed', version=ref.version,
                         page=page, message='the page has images but no text layer; run with --ocr tesseract'))
                     return
                 text = self._ocr(index)
         except (PdfError, OSError) as e:
-            tally.errors += 1
-            yield beam.pvalue.TaggedOutput(ERRORS, _pdf_error(ref, 'extract', e, page))
+            stats.errors += 1
+            yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'extract', e, page=page))
             return
         tag = self._settings.tag()
         for start, end in text_spans(text, self._settings):
@@ -168,8 +208,8 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
             if is_blank(piece):
                 continue
             cid, id64 = chunk_id(ref.uri, ref.version, page, start, end, tag)
-            tally.chunks += 1
-            yield Chunk(cid, id64, ref.uri, ref.version, 'pdf', page, start, end, piece, None)
+            stats.chunks += 1
+            yield Chunk(cid, id64, ref.uri, ref.version, 'pdf', page, start, end, piece)
 
     def _ocr(self, index: int) -> str:
         """Text of a scanned page: each image of the page through tesseract."""
@@ -181,4 +221,3 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
                              for png in self._sandbox.page_images(index))
         except (pytesseract.TesseractError, pytesseract.TesseractNotFoundError) as e:
             raise PdfError(type(e).__name__, str(e))
-

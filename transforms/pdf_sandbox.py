@@ -17,7 +17,7 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from transforms.ranged_file import RangedFile
@@ -40,10 +40,24 @@ class PasswordRequired(Exception):
 @dataclass(frozen=True)
 class PdfLimits:
     """Bounds on one PDF: pages, decompressed bytes per stream, time and memory per page."""
-    max_pages: int = 10000
-    max_stream_bytes: int = 64 << 20
-    page_timeout_seconds: float = 60.0
-    max_worker_mb: int = 1024
+    max_pages: int = field(default=10000, metadata={
+        'flag': '--pdf-max-pages', 'help': 'PDFs with more pages fail with a reason'})
+    max_stream_bytes: int = field(default=64 << 20, metadata={
+        'flag': '--pdf-max-stream-bytes', 'size': True,
+        'help': "largest decompressed stream (pypdf's limits), so a PDF bomb is a clear failure"})
+    page_timeout_seconds: float = field(default=60.0, metadata={
+        'flag': '--pdf-page-timeout',
+        'help': 'seconds one page may take; then it is cut off with an error record'})
+    max_worker_mb: int = field(default=1024, metadata={
+        'flag': '--pdf-max-worker-mb',
+        'help': 'memory of the pypdf process before the page is cut off'})
+
+    def validate(self) -> None:
+        if self.page_timeout_seconds <= 0 or self.max_pages < 1 or self.max_stream_bytes < 1:
+            raise ValueError('--pdf-page-timeout, --pdf-max-pages and --pdf-max-stream-bytes '
+                             'must be positive')
+        if self.max_worker_mb < 1:
+            raise ValueError('--pdf-max-worker-mb must be positive')
 
 
 def _send(stream, message: Any) -> None:

@@ -1,27 +1,59 @@
-"""The splittable DoFn that turns a text object into chunks, one byte range at a time."""
+"""Reading text objects: a splittable DoFn over byte ranges, inside the `ReadText` transform."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import apache_beam as beam
-from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.core import RestrictionProvider
 
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, TextEncoding, UndecodableError, detect_encoding
 from transforms.progress import Progress
-from transforms.store import ObjectChangedError, ObjectNotFoundError, StoreConfig, store_for
+from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
+                                error_record, finish_restriction, has_pdf_header, is_blank,
+                                read_failure_reason)
+from transforms.store import StoreConfig, StoreError, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
-ERRORS = 'errors'
-STATS = 'stats'
-PDFS = 'pdfs'
-PDF_MAGIC = b'%PDF-'
-
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextReadOptions:
+    """How text objects are read: the largest single read and the initial split."""
+    window_bytes: int = field(default=8 << 20, metadata={
+        'flag': '--window-bytes', 'size': True,
+        'help': 'largest single read (at least 4096 and 4 x chunk size)'})
+    split_bytes: int = field(default=64 << 20, metadata={
+        'flag': '--split-bytes', 'size': True,
+        'help': 'initial split of one object: the unit of parallelism inside a big object'})
+
+    def validate(self, chunker: ChunkerSettings) -> None:
+        if self.window_bytes < 4096:
+            raise ValueError('--window-bytes must be at least 4096')
+        if self.window_bytes < 4 * chunker.size:
+            raise ValueError('--window-bytes must be at least 4 x --chunk-size')
+        if self.split_bytes < chunker.size:
+            raise ValueError('--split-bytes must be at least --chunk-size')
+
+
+class ReadText(beam.PTransform):
+    """ObjectRefs of text objects -> ReadResult: chunks, errors, stats, and (with
+    `sniff_pdfs`) the refs of objects whose content turns out to be a PDF."""
+
+    def __init__(self, chunker: ChunkerSettings, options: TextReadOptions, store: StoreConfig,
+                 sniff_pdfs: bool = True):
+        super().__init__()
+        self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs)
+
+    def expand(self, refs) -> ReadResult:
+        out = refs | 'Read' >> beam.ParDo(self._fn).with_output_types(
+            Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef
+        ).with_outputs(ERRORS, STATS, HANDED_OFF, main='chunks')
+        return ReadResult(out.chunks, out[ERRORS], out[STATS], out[HANDED_OFF])
 
 
 class ByteWindowReader:
@@ -56,7 +88,7 @@ class ByteWindowReader:
         while end < b:
             piece = self._read(end, min(end + self._window, max(b, self._limit)))
             if not piece:
-                raise IOError(f'object ended at byte {end}, listed size {self._size}')
+                raise StoreError(f'object ended at byte {end}, listed size {self._size}')
             self._buf += piece
             self.bytes_read += len(piece)
             end += len(piece)
@@ -70,41 +102,23 @@ class ByteWindowReader:
             self._start = before
 
 
-def is_blank(text: str) -> bool:
-    """True for text with nothing to embed: whitespace, NULs, byte-order marks."""
-    return not text.replace('\x00', '').replace('\ufeff', '').strip()
-
-
-def looks_like_pdf(uri: str, head: bytes = b'') -> bool:
-    """A PDF by extension (any case) or by the %PDF- magic in the first kilobyte."""
-    return uri.lower().endswith('.pdf') or PDF_MAGIC in head[:1024]
-
-
-class OffsetRangeSplits(RestrictionProvider):
-    """Restrictions that are OffsetRanges, first split into pieces of `split_size` offsets."""
-    split_size: int
-
-    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
-
-    def split(self, element, restriction: OffsetRange) -> Iterator[OffsetRange]:
-        return restriction.split(self.split_size)
-
-
 class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
     """Splittable DoFn: ObjectRef -> Chunks, restricted to the byte range [start, stop).
 
     Outputs chunks on the main output, ErrorRecords on 'errors', (uri, ObjectStats) on
-    'stats', and on 'pdfs' the refs of objects that turn out to be PDFs (by their magic bytes).
+    'stats', and on 'handed_off' the refs of objects whose first bytes hold a PDF header.
     Chunk k belongs to the restriction holding its nominal start k * chunk_size.
+    Only the store's and the decoder's errors make an object fail; any other exception is
+    a bug and fails the run.
     """
 
-    def __init__(self, settings: ChunkerSettings, window_bytes: int, split_bytes: int,
-                 store_config: StoreConfig):
+    def __init__(self, settings: ChunkerSettings, options: TextReadOptions,
+                 store_config: StoreConfig, sniff_pdfs: bool = True):
         self._settings = settings
         self._store_config = store_config
-        self._window = window_bytes
-        self.split_size = split_bytes
+        self._window = options.window_bytes
+        self._sniff_pdfs = sniff_pdfs
+        self.split_size = options.split_bytes
         self._bytes_read = Metrics.counter('ragbeam', 'bytes_read')
         self._chunks = Metrics.counter('ragbeam', 'chunks')
 
@@ -123,35 +137,35 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         reader = ByteWindowReader(read, ref.size, self._window, limit=rng.stop + self._settings.reach())
         head_reader = reader if owns_head else ByteWindowReader(
             read, ref.size, self._window, limit=DETECT_BYTES)
-        tally = Tally()
+        stats = ObjectStats(kind='text')
         try:
             head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
-            if looks_like_pdf(ref.uri, head):
+            if self._sniff_pdfs and has_pdf_header(head):
                 finish_restriction(tracker)
-                tally.kind = 'pdf'
+                stats.kind = None  # the PDF reader decides
                 if owns_head:  # the PDF reader takes it from here
-                    yield beam.pvalue.TaggedOutput(PDFS, ref)
+                    yield beam.pvalue.TaggedOutput(HANDED_OFF, ref)
             else:
                 encoding = detect_encoding(head, ref.size)
-                tally.encoding = encoding.codec
-                yield from self._chunks_of(ref, tracker, reader, encoding, tally)
+                stats.encoding = encoding.codec
+                yield from self._chunks_of(ref, tracker, reader, encoding, stats)
         except UndecodableError as e:
             finish_restriction(tracker)
             if owns_head:  # every restriction decides alike; one record per object
-                yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'decode', e, 0, ref.size))
-                tally.fail('failed', f'undecodable: {e}')
-        except (OSError, ValueError) as e:
+                yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'decode', e, 0, ref.size))
+                stats.fail(f'undecodable: {e}')
+        except OSError as e:  # the store's errors (StoreError is one), local I/O errors
             finish_restriction(tracker)
             _log.warning('read of %s [%d, %d) failed: %s', ref.uri, rng.start, rng.stop, e)
-            yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'read', e, rng.start, rng.stop))
-            tally.fail('failed', read_failure_reason(e))
-        tally.bytes_read = reader.bytes_read + (head_reader.bytes_read if not owns_head else 0)
-        self._bytes_read.inc(tally.bytes_read)
-        self._chunks.inc(tally.chunks)
-        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, tally.stats()))
+            yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'read', e, rng.start, rng.stop))
+            stats.fail(read_failure_reason(e))
+        stats.bytes_read = reader.bytes_read + (head_reader.bytes_read if not owns_head else 0)
+        self._bytes_read.inc(stats.bytes_read)
+        self._chunks.inc(stats.chunks)
+        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
 
     def _chunks_of(self, ref: ObjectRef, tracker, reader: ByteWindowReader,
-                   encoding: TextEncoding, tally: 'Tally') -> Iterator:
+                   encoding: TextEncoding, stats: ObjectStats) -> Iterator:
         """Yields the restriction's chunks, and an ErrorRecord for each span that does not decode."""
         rule = ChunkRule(self._settings, encoding, ref.size)
         first = rule.first_chunk_at_or_after(tracker.current_restriction().start)
@@ -168,57 +182,12 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
             try:
                 text = raw.decode(encoding.codec)
             except UnicodeDecodeError as e:
-                tally.errors += 1
-                yield beam.pvalue.TaggedOutput(ERRORS, _error(ref, 'decode', e, start, end))
+                stats.errors += 1
+                yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'decode', e, start, end))
                 continue
             if is_blank(text):
                 continue
             cid, id64 = chunk_id(ref.uri, ref.version, None, start, end, tag)
-            tally.chunks += 1
+            stats.chunks += 1
             yield Chunk(cid, id64, ref.uri, ref.version, 'text', None, start, end, text,
-                        encoding.codec)
-
-
-@dataclass
-class Tally:
-    """Mutable counts of one restriction, turned into ObjectStats at its end."""
-    chunks: int = 0
-    errors: int = 0
-    ocr_needed: int = 0
-    bytes_read: int = 0
-    encoding: Optional[str] = None
-    kind: str = 'text'
-    status: Optional[str] = None
-    reason: Optional[str] = None
-
-    def fail(self, status: str, reason: str) -> None:
-        self.status, self.reason = status, reason
-        self.errors += status == 'failed'
-
-    def stats(self) -> ObjectStats:
-        return ObjectStats(chunks=self.chunks, bytes_read=self.bytes_read, errors=self.errors,
-                           encoding=self.encoding, status=self.status, reason=self.reason,
-                           kind=self.kind, ocr_needed=self.ocr_needed)
-
-
-def read_failure_reason(e: Exception) -> str:
-    """The manifest reason of an object whose bytes could not be read."""
-    if isinstance(e, ObjectChangedError):
-        return 'changed during read: the object is no longer the listed version'
-    if isinstance(e, ObjectNotFoundError):
-        return 'not found: the object was deleted after listing'
-    return f'unreadable: {type(e).__name__}: {e}'
-
-
-def finish_restriction(tracker) -> None:
-    """Marks the rest of the restriction as done, so the runner does not wait for it."""
-    stop = tracker.current_restriction().stop
-    try:
-        tracker.try_claim(stop)
-    except ValueError:
-        pass  # already claimed past the end
-
-
-def _error(ref: ObjectRef, stage: str, e: Exception, start: int, end: int) -> ErrorRecord:
-    return ErrorRecord(uri=ref.uri, stage=stage, error_type=type(e).__name__,
-                       message=str(e)[:2000], version=ref.version, start=start, end=end)
+                        encoding=encoding.codec)

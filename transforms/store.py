@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, TypeVar
 
 from apache_beam.io.filesystem import FileMetadata
@@ -51,12 +51,23 @@ class TransientError(StoreError):
 @dataclass(frozen=True)
 class StoreConfig:
     """How to reach object stores and how hard to retry."""
-    s3_endpoint_url: Optional[str] = None
-    s3_region: Optional[str] = None
-    s3_path_style: bool = False
-    max_attempts: int = 6
+    s3_endpoint_url: Optional[str] = field(default=None, metadata={
+        'flag': '--s3-endpoint-url', 'help': 'S3-compatible endpoint: MinIO, moto, Ceph, ...'})
+    s3_region: Optional[str] = field(default=None, metadata={
+        'flag': '--s3-region', 'default_text': 'AWS config', 'help': 'S3 region'})
+    s3_path_style: bool = field(default=False, metadata={
+        'flag': '--s3-path-style',
+        'help': 'path-style S3 addressing (http://host/bucket/key), as MinIO usually needs'})
+    max_attempts: int = field(default=6, metadata={
+        'flag': '--store-max-attempts',
+        'help': 'attempts per S3/GCS request (throttling, 5xx, cut connections, short bodies) '
+                'before the object fails'})
     backoff_seconds: float = 0.1
     max_backoff_seconds: float = 10.0
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError('--store-max-attempts must be at least 1')
 
 
 def retrying(config: StoreConfig, what: str, call: Callable[[], T]) -> T:

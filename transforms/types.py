@@ -1,10 +1,35 @@
-"""Small records that flow through the pipeline."""
-from __future__ import annotations
+"""Small records that flow through the pipeline, and the Arrow schemas derived from them.
 
+Each record is a dataclass registered with Beam's RowCoder, so a PCollection typed with one
+gets a real, deterministic coder rather than pickles. The Parquet schemas of the chunk and
+manifest tables are derived from the same definitions (`arrow_schema`), so a column is
+declared in one place. No `from __future__ import annotations` here: Beam reads these
+annotations to build the row schemas.
+"""
+import collections.abc
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
+
+import apache_beam as beam
+import pyarrow as pa
 
 
+def record(cls):
+    """Registers a record type with Beam's RowCoder, under a schema id that is the same in
+    every process (Beam would draw a random one, which worker processes cannot look up)."""
+    setattr(cls, '_beam_schema_id', 'ragbeam_' + f'{cls.__module__}.{cls.__qualname__}'.replace('.', '_'))
+    beam.coders.registry.register_row(cls)
+    return cls
+
+
+def _arrow(arrow_type: pa.DataType, **kwargs):
+    """A dataclass field whose Arrow column type is not the default for its Python type."""
+    return field(metadata={'arrow': arrow_type}, **kwargs)
+
+
+@record
 @dataclass(frozen=True)
 class ObjectRef:
     """One listed object: where it is, how big, and the version every read is pinned to."""
@@ -13,21 +38,37 @@ class ObjectRef:
     version: str
 
 
+@record
+@dataclass(frozen=True)
+class Entity:
+    """A named entity in a chunk's text: its text, label and [start, end) character offsets."""
+    text: str
+    label: str
+    start: int = _arrow(pa.int32())
+    end: int = _arrow(pa.int32())
+
+
+@record
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk of an object's text, before embedding."""
+    """One chunk of an object's text, from the reader to the sink; enrichment and embedding
+    return it with more fields filled in."""
     chunk_id: str
     id64: int
     uri: str
     version: str
     kind: str
-    page: Optional[int]
-    start: int
-    end: int
-    text: str
-    encoding: Optional[str]
+    page: Optional[int] = _arrow(pa.int32())
+    start: int = 0
+    end: int = 0
+    text: str = ''
+    embedding: Optional[bytes] = None   # float32, native byte order; a list column in Parquet
+    model: Optional[str] = None
+    encoding: Optional[str] = None
+    entities: Optional[Sequence[Entity]] = None
 
 
+@record
 @dataclass(frozen=True)
 class ErrorRecord:
     """Why an object, a byte range or a page could not be ingested."""
@@ -41,38 +82,46 @@ class ErrorRecord:
     page: Optional[int] = None
 
 
-@dataclass(frozen=True)
+_STATUS_RANK = {'failed': 0, 'skipped': 1}
+
+
+@record
+@dataclass
 class ObjectStats:
-    """What one restriction of an object produced; combined per object for the manifest."""
+    """What one restriction of an object produced, counted while it is read; the stats of an
+    object's restrictions are merged into its manifest row."""
     chunks: int = 0
     bytes_read: int = 0
     errors: int = 0
+    ocr_needed: int = 0
     encoding: Optional[str] = None
-    status: Optional[str] = None  # 'failed' or 'skipped' when the object as a whole is
-    reason: Optional[str] = None
     kind: Optional[str] = None
     pages: Optional[int] = None
-    ocr_needed: int = 0
+    status: Optional[str] = None  # 'failed' or 'skipped' when the object as a whole is
+    reason: Optional[str] = None
+
+    def fail(self, reason: str) -> None:
+        """Marks the whole object failed, with the manifest's reason; counts as one error."""
+        self.status, self.reason = 'failed', reason
+        self.errors += 1
 
     def merge(self, other: 'ObjectStats') -> 'ObjectStats':
         """Adds counts; keeps the object-level status of whichever side has one (failed wins)."""
-        first, second = sorted((self, other), key=_status_rank)
+        first, second = sorted((self, other), key=lambda s: (
+            _STATUS_RANK.get(s.status or '', 2), s.reason or ''))
         return ObjectStats(
             chunks=self.chunks + other.chunks,
             bytes_read=self.bytes_read + other.bytes_read,
             errors=self.errors + other.errors,
+            ocr_needed=self.ocr_needed + other.ocr_needed,
             encoding=self.encoding or other.encoding,
-            status=first.status or second.status,
-            reason=first.reason or second.reason,
             kind=self.kind or other.kind,
             pages=self.pages if self.pages is not None else other.pages,
-            ocr_needed=self.ocr_needed + other.ocr_needed)
+            status=first.status or second.status,
+            reason=first.reason or second.reason)
 
 
-def _status_rank(s: ObjectStats) -> tuple:
-    return ({'failed': 0, 'skipped': 1}.get(s.status or '', 2), s.reason or '')
-
-
+@record
 @dataclass(frozen=True)
 class ManifestRow:
     """One listed object and how it ended: ok, failed or skipped (with a reason)."""
@@ -85,6 +134,44 @@ class ManifestRow:
     reason: Optional[str]
     kind: Optional[str]
     encoding: Optional[str]
-    errors: int = field(default=0)
+    errors: int = 0
     pages: Optional[int] = None
     ocr_needed_pages: int = 0
+
+
+_PLAIN = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
+          bytes: pa.binary()}
+
+
+def _arrow_type(hint, metadata) -> pa.DataType:
+    if 'arrow' in metadata:
+        return metadata['arrow']
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        return _arrow_type(args[0], {})
+    if dataclasses.is_dataclass(hint):
+        return pa.struct([pa.field(f.name, _arrow_type(t, f.metadata))
+                          for f, t in _fields(hint)])
+    if typing.get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        return pa.list_(_arrow_type(args[0], {}))
+    return _PLAIN[hint]
+
+
+def _fields(cls) -> list[tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def arrow_schema(cls, **overrides: pa.DataType) -> pa.Schema:
+    """The Arrow schema of a record's table: one column per field, in field order; `overrides`
+    give some columns other types (the chunk embedding's list size, say)."""
+    return pa.schema([(f.name, overrides.get(f.name) or _arrow_type(t, f.metadata))
+                      for f, t in _fields(cls)])
+
+
+def chunk_schema(dim: int) -> pa.Schema:
+    """The chunk table (README, "Chunk schema"): embeddings as fixed-size lists of `dim`."""
+    return arrow_schema(Chunk, embedding=pa.list_(pa.float32(), dim))
+
+
+MANIFEST_SCHEMA = arrow_schema(ManifestRow)

@@ -1,89 +1,62 @@
-"""Parquet schemas and the writers of chunks, manifest and error records."""
+"""The sinks: chunks, manifest rows and error records, written as files under --output.
+
+The chunk sink is the only place where Chunk records become Arrow: row groups bounded in
+rows and bytes, in the schema derived from the record (transforms.types.chunk_schema).
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Sequence
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 
 from transforms.batch import BatchBounded
-from transforms.embed import EMBEDDERS, EmbedChunks
-from transforms.types import ErrorRecord
+from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema
 
 ROW_GROUP_ROWS = 4096
 ROW_GROUP_BYTES = 16 << 20
 
 
-def chunk_schema(dim: int) -> pa.Schema:
-    """The chunk table of DESIGN.md section 3."""
-    return pa.schema([
-        ('chunk_id', pa.string()),
-        ('id64', pa.int64()),
-        ('uri', pa.string()),
-        ('version', pa.string()),
-        ('kind', pa.string()),
-        ('page', pa.int32()),
-        ('start', pa.int64()),
-        ('end', pa.int64()),
-        ('text', pa.string()),
-        ('embedding', pa.list_(pa.float32(), dim)),
-        ('model', pa.string()),
-        ('encoding', pa.string()),
-    ])
+def chunk_table(chunks: Sequence[Chunk], schema: pa.Schema) -> pa.Table:
+    """The Arrow rows of embedded chunks, in `schema` (whose embedding type gives the size)."""
+    columns = []
+    for f in schema:
+        if f.name == 'embedding':
+            vectors = np.frombuffer(b''.join(c.embedding for c in chunks), dtype=np.float32)
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(vectors),
+                                                             f.type.list_size))
+        elif f.name == 'entities':
+            columns.append(pa.array([None if c.entities is None else
+                                     [dataclasses.asdict(e) for e in c.entities]
+                                     for c in chunks], type=f.type))
+        else:
+            columns.append(pa.array([getattr(c, f.name) for c in chunks], type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
-MANIFEST_SCHEMA = pa.schema([
-    ('uri', pa.string()),
-    ('size', pa.int64()),
-    ('version', pa.string()),
-    ('status', pa.string()),
-    ('chunks', pa.int64()),
-    ('bytes_read', pa.int64()),
-    ('reason', pa.string()),
-    ('kind', pa.string()),
-    ('encoding', pa.string()),
-    ('errors', pa.int64()),
-    ('pages', pa.int64()),
-    ('ocr_needed_pages', pa.int64()),
-])
+def _chunk_bytes(chunk: Chunk) -> int:
+    return len(chunk.text) + len(chunk.embedding or b'') + 64
 
 
-class EmbedAndWrite(beam.PTransform):
-    """Chunks -> batches bounded in count and text bytes -> embeddings -> Parquet files."""
+class WriteChunks(beam.PTransform):
+    """Embedded Chunks -> Parquet files `<prefix>-*.parquet`, in row groups of bounded size."""
 
-    def __init__(self, path_prefix: str, embedder: str, batch_size: int, batch_bytes: int,
-                 device: str = 'auto'):
+    def __init__(self, path_prefix: str, dim: int):
         super().__init__()
         self._prefix = path_prefix
-        self._embedder = embedder
-        self._batch = (batch_size, batch_bytes)
-        self._device = device
+        self._schema = chunk_schema(dim)
 
     def expand(self, chunks):
-        schema = chunk_schema(EMBEDDERS[self._embedder]().dim)
+        schema = self._schema
         return (chunks
-                | 'Batches' >> beam.ParDo(BatchBounded(*self._batch, weight=lambda c: len(c.text)))
-                | 'Embed' >> beam.ParDo(EmbedChunks(self._embedder, schema, self._device))
-                | 'Write' >> WriteChunkTables(self._prefix, schema))
-
-
-class WriteChunkTables(beam.PTransform):
-    """Writes pyarrow Tables of chunk rows as Parquet, in row groups of bounded size."""
-
-    def __init__(self, path_prefix: str, schema: pa.Schema):
-        super().__init__()
-        self._prefix = path_prefix
-        self._schema = schema
-
-    def expand(self, tables):
-        return (tables
                 | 'RowGroups' >> beam.ParDo(BatchBounded(ROW_GROUP_ROWS, ROW_GROUP_BYTES,
-                                                         weight=lambda t: t.nbytes))
-                | 'Concat' >> beam.Map(pa.concat_tables)
+                                                         weight=_chunk_bytes))
+                | 'ToArrow' >> beam.Map(chunk_table, schema)
                 | 'Write' >> beam.io.WriteToParquetBatched(
-                    self._prefix, schema=self._schema, codec='zstd',
-                    file_name_suffix='.parquet'))
+                    self._prefix, schema=schema, codec='zstd', file_name_suffix='.parquet'))
 
 
 class WriteManifest(beam.PTransform):

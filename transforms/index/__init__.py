@@ -1,0 +1,20 @@
+"""The vector index over a run's chunks: planned from the chunk Parquet, built, then queried.
+
+Types: `flat` (exact inner product), `hnsw` (a graph over all vectors, in memory) and `ivfpq`
+(inverted lists of 48-byte PQ codes in a memory-mapped file, re-ranked with 8-bit scalar
+quantised vectors); `auto` picks by chunk count and --index-memory-mb. Every type is keyed by
+id64 and adds each id once: the plan reads the id64 column first and skips repeated ids.
+
+An ivfpq build is the FAISS way. The coarse quantizer, PQ codebooks and SQ8 ranges are
+trained once on a bounded, reproducible sample. Then a Beam stage gives shards (small records
+of row groups) to workers; each adds its rows to a copy of the trained index and writes its
+inverted lists and its re-rank codes, sorted by id64. Last, the driver merges the lists into
+one on-disk file (`merge_ondisk`). Files under DIR/index: index.json, faiss.index, and for
+ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer), rerank-NNNNN.{ids,sq8}.npy.
+"""
+from transforms.index.build import build_index
+from transforms.index.plan import IndexOptions, MissingChunksError, choose_type
+from transforms.index.search import Searcher, parse_entity, query
+
+__all__ = ['IndexOptions', 'MissingChunksError', 'Searcher', 'build_index', 'choose_type',
+           'parse_entity', 'query']

@@ -1,0 +1,101 @@
+"""Index files: writing them where the output is, local copies, and the query-side cache."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterator
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import outputs
+
+INDEX_FILE = 'faiss.index'
+IVF_DATA_FILE = 'faiss.ivfdata'
+CODEC_FILE = 'rerank.sq8'
+TRAINED_FILE = 'trained.index'   # staging: the empty trained index the shards start from
+SHARDS_DIR = 'shards'            # staging: each shard's inverted lists, merged then removed
+NPY_BLOCK_ROWS = 16384
+
+@contextlib.contextmanager
+def writable(file_path: str) -> Iterator[str]:
+    """A local path to write `file_path` at: itself, or a temporary file copied up after."""
+    if outputs.is_local(file_path):
+        os.makedirs(os.path.dirname(file_path), exist_ok=True)
+        yield file_path
+        return
+    with tempfile.TemporaryDirectory(prefix='ragbeam-upload-') as tmp:
+        local = os.path.join(tmp, os.path.basename(file_path))
+        yield local
+        with open(local, 'rb') as src, FileSystems.create(file_path) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def local_copy(file_path: str, folder: str) -> str:
+    """`file_path` itself when local, else a copy of it in `folder`."""
+    if outputs.is_local(file_path):
+        return file_path
+    local = os.path.join(folder, os.path.basename(file_path))
+    with FileSystems.open(file_path, compression_type='uncompressed') as src, \
+            open(local, 'wb') as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+    return local
+
+
+def save_npy(file_path: str, array: np.ndarray, order: np.ndarray) -> None:
+    """Writes `array[order]` as a .npy file, in blocks of rows (no second copy of it)."""
+    with writable(file_path) as local, open(local, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {
+            'descr': np.lib.format.dtype_to_descr(array.dtype), 'fortran_order': False,
+            'shape': (len(order),) + array.shape[1:]})
+        for start in range(0, len(order), NPY_BLOCK_ROWS):
+            f.write(array[order[start:start + NPY_BLOCK_ROWS]].tobytes())
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """FAISS's on-disk lists print to the C stdout, which `query --json` keeps for JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, 'w') as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+CACHE_ENV = 'RAGBEAM_CACHE'
+
+
+def cached_copy(index_dir: str) -> str:
+    """A local copy of a bucket's index folder under $RAGBEAM_CACHE (default ~/.cache/ragbeam),
+    fetched again only when the folder's files, sizes or times changed."""
+    files = sorted(FileSystems.match([outputs.path(index_dir, '*')])[0].metadata_list,
+                   key=lambda m: m.path)
+    stamp = json.dumps([(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in files])
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'ragbeam')
+    folder = os.path.join(root, 'index-' + hashlib.sha256(index_dir.encode()).hexdigest()[:16])
+    stamp_file = os.path.join(folder, '.stamp')
+    if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+        return folder
+    os.makedirs(root, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix='fetching-', dir=root)
+    for m in files:
+        local_copy(m.path, fresh)
+    with open(os.path.join(fresh, '.stamp'), 'w') as f:
+        f.write(stamp)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(fresh, folder)
+    except OSError:  # another query put its copy there first
+        shutil.rmtree(fresh, ignore_errors=True)
+    return folder
+
+

@@ -1,0 +1,65 @@
+"""Routing listed objects: skipped before any read (with a reason), or to the PDF or text reader."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import apache_beam as beam
+
+from transforms.readers import is_pdf_name
+from transforms.types import ObjectRef
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Which listed objects are skipped before any read."""
+    max_object_bytes: Optional[int] = field(default=None, metadata={
+        'flag': '--max-object-bytes', 'size': True, 'default_text': 'none',
+        'help': 'larger objects are skipped with a reason, before any read'})
+
+    def validate(self) -> None:
+        if self.max_object_bytes is not None and self.max_object_bytes < 0:
+            raise ValueError('--max-object-bytes must not be negative')
+
+    def skip_reason(self, ref: ObjectRef) -> Optional[str]:
+        """Why an object is skipped, from its listing alone (None: read it)."""
+        if self.max_object_bytes is not None and ref.size > self.max_object_bytes:
+            return f'too large: {ref.size} bytes > --max-object-bytes {self.max_object_bytes}'
+        return None
+
+
+class Routes(NamedTuple):
+    """Where the listed objects go: refs for the text and PDF readers, (uri, reason) skipped."""
+    text: beam.PCollection
+    pdf: beam.PCollection
+    skipped: beam.PCollection
+
+
+class Route(beam.PTransform):
+    """(uri, ObjectRef) -> Routes. PDFs by name go to the PDF reader; everything else to the
+    text reader, which hands on what turns out to be a PDF by its header."""
+
+    def __init__(self, options: RouteOptions):
+        super().__init__()
+        self._options = options
+
+    def expand(self, refs) -> Routes:
+        routed = refs | 'Route' >> beam.ParDo(_RouteFn(self._options)).with_output_types(
+            ObjectRef, pdf=ObjectRef, skipped=tuple[str, str]).with_outputs(
+            'pdf', 'skipped', main='text')
+        return Routes(routed.text, routed.pdf, routed.skipped)
+
+
+class _RouteFn(beam.DoFn):
+    def __init__(self, options: RouteOptions):
+        self._options = options
+
+    def process(self, element):
+        uri, ref = element
+        reason = self._options.skip_reason(ref)
+        if reason:
+            yield beam.pvalue.TaggedOutput('skipped', (uri, reason))
+        elif is_pdf_name(uri):
+            yield beam.pvalue.TaggedOutput('pdf', ref)
+        else:
+            yield ref
