@@ -29,7 +29,8 @@ SHARED_MISSING = (f'needs the shared corpus and contract checker at {SHARED} '
 
 def pytest_configure(config):
     if REQUIRE_SHARED and not HAVE_SHARED:
-        raise pytest.UsageError(f'RAGBEAM_REQUIRE_SHARED=1, but {SHARED_MISSING.split(" ", 1)[1]}')
+        raise pytest.UsageError(f'RAGBEAM_REQUIRE_SHARED=1 and the shared corpus or contract '
+                                f'checker is missing under {SHARED}')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +51,12 @@ def corpus_manifest(kind: str) -> list[dict]:
     with open(CORPUS / 'MANIFEST.tsv', newline='') as f:
         return [dict(row, file=CORPUS / row['path'])
                 for row in csv.DictReader(f, delimiter='\t') if row['kind'] == kind]
+
+
+def corpus_params(kind: str) -> list:
+    """corpus_manifest(kind) as pytest parameters; one skipped parameter without the corpus."""
+    rows = corpus_manifest(kind)
+    return rows or [pytest.param(None, marks=pytest.mark.skip(reason=SHARED_MISSING))]
 
 
 def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
