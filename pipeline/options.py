@@ -23,6 +23,7 @@ from transforms.chunk import ChunkerSettings
 from transforms.embed import EmbedOptions
 from transforms.entities import EntityOptions
 from transforms.index import IndexOptions
+from transforms.monitor import MonitorOptions
 from transforms.pdf import PdfOptions
 from transforms.read_text import TextReadOptions
 from transforms.route import RouteOptions
@@ -143,6 +144,7 @@ class RunOptions:
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     index: IndexOptions = field(default_factory=IndexOptions)
     store: StoreConfig = field(default_factory=StoreConfig)
+    monitor: MonitorOptions = field(default_factory=MonitorOptions)
     beam_args: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -156,6 +158,7 @@ class RunOptions:
             self.embed.validate()
             self.index.validate()
             self.store.validate()
+            self.monitor.validate()
         except ValueError as e:
             raise UsageError(str(e))
         if self.pdf.ocr == 'tesseract' and not shutil.which('tesseract'):

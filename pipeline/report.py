@@ -8,10 +8,24 @@ import pyarrow.compute as pc
 
 from pipeline.options import RunOptions
 from transforms import outputs
+from transforms.monitor import STAGES
+
+
+def stages(found: dict) -> dict:
+    """Per stage (read, pdf_child, entities, embed, write): peak RSS MB and seconds spent,
+    from the rss_mb_* distributions and stage_ms_* counters."""
+    result = {}
+    for stage in STAGES:
+        peak = found['maxima'].get(f'rss_mb_{stage}')
+        ms = found['counters'].get(f'stage_ms_{stage}')
+        if peak is not None or ms is not None:
+            result[stage] = {'peak_rss_mb': peak, 'seconds': None if ms is None else round(ms / 1000, 2)}
+    return result
 
 
 def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
-              wall_seconds: float, peak_rss_mb: float) -> dict:
+              wall_seconds: float, peak_rss_mb: float, stages: Optional[dict] = None,
+              rss_series: Optional[list] = None) -> dict:
     """The run summary (README, "Output layout"), read back from the written manifest."""
     manifest = outputs.ParquetFolder(outputs.path(opts.output, 'manifest'), opts.store)
     table = manifest.table(['status', 'size', 'bytes_read', 'chunks', 'reason'])
@@ -35,7 +49,9 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
         'index': index_meta,
         'counters': counters,
         'wall_seconds': round(wall_seconds, 2),
-        'peak_rss_mb': peak_rss_mb,
+        'peak_rss_mb': round(peak_rss_mb, 1),
+        'stages': stages or {},
+        'rss_series': rss_series or [],
         'options': opts.summary(),
     }
 
@@ -46,3 +62,70 @@ def one_line(report: dict) -> str:
             f"{report['objects_failed']} failed, {report['objects_skipped']} skipped; "
             f"{report['chunks']} chunks from {report['bytes_read']} bytes read in "
             f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mb']} MB")
+
+
+def table(report: dict) -> str:
+    """`ragbeam report`: the run's summary as a table a person reads."""
+    rows = [('objects listed', f"{report['objects_listed']:,}"),
+            ('  ok / failed / skipped', f"{report['objects_ok']:,} / {report['objects_failed']:,}"
+                                        f" / {report['objects_skipped']:,}"),
+            ('bytes listed', f"{report['bytes_listed']:,}"),
+            ('bytes read', f"{report['bytes_read']:,}"),
+            ('bytes skipped', f"{report.get('bytes_skipped', 0):,}"),
+            ('chunks', f"{report['chunks']:,}"),
+            ('embedder', str(report.get('embedder', ''))),
+            ('wall time', f"{report['wall_seconds']:.1f} s"),
+            ('peak RSS (process tree)', f"{report['peak_rss_mb']:.0f} MB")]
+    for reason, count in sorted(report.get('failure_reasons', {}).items(),
+                                key=lambda kv: (-kv[1], kv[0])):
+        rows.append((f'  not ok: {reason}', f'{count:,}'))
+    width = max(len(k) for k, _ in rows)
+    lines = [f'{k:<{width}}  {v}' for k, v in rows]
+    stage_rows = report.get('stages') or {}
+    if stage_rows:
+        lines += ['', f"{'stage':<10} {'peak RSS MB':>12} {'seconds':>10}"]
+        for stage in STAGES:
+            if stage in stage_rows:
+                peak, seconds = stage_rows[stage]['peak_rss_mb'], stage_rows[stage]['seconds']
+                lines.append(f"{stage:<10} {'-' if peak is None else f'{peak:.0f}':>12} "
+                             f"{'-' if seconds is None else f'{seconds:.1f}':>10}")
+        lines.append('(seconds: summed over the workers\' threads; peak RSS: the largest '
+                     'worker process)')
+    return '\n'.join(lines)
+
+
+PNG_SIZE = (1000, 700)  # pixels: 10 x 7 inches at 100 dpi
+
+
+def draw(report: dict, path: str) -> None:
+    """RSS of the process tree over time, and throughput (MB/s read, chunks/s) over time, as a
+    PNG of PNG_SIZE pixels. Needs matplotlib (`pip install 'ragbeam[report]'`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise outputs.OutputError("--png needs matplotlib: pip install 'ragbeam[report]'")
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    series = report.get('rss_series') or []
+    if len(series) < 2:
+        raise outputs.OutputError('this report has no memory series (a run older than the '
+                                  'monitor, or one shorter than a second)')
+    t = [s[0] for s in series]
+    rates = [(b[0], (b[2] - a[2]) / 1e6 / max(b[0] - a[0], 1e-6),
+              (b[3] - a[3]) / max(b[0] - a[0], 1e-6)) for a, b in zip(series, series[1:])]
+    fig, (mem, speed) = plt.subplots(2, 1, figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100),
+                                     dpi=100, sharex=True)
+    mem.plot(t, [s[1] for s in series], color='C0')
+    mem.set_ylabel('RSS of the process tree (MB)')
+    mem.set_title(f"ragbeam run: {report['objects_listed']} objects, {report['chunks']:,} chunks,"
+                  f" peak {report['peak_rss_mb']:.0f} MB")
+    speed.plot([r[0] for r in rates], [r[1] for r in rates], color='C1', label='MB/s read')
+    speed.set_ylabel('MB/s read')
+    speed.set_xlabel('seconds')
+    chunks = speed.twinx()
+    chunks.plot([r[0] for r in rates], [r[2] for r in rates], color='C2', label='chunks/s')
+    chunks.set_ylabel('chunks/s written')
+    fig.legend(loc='lower right')
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

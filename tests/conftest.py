@@ -74,6 +74,18 @@ def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
     return proc
 
 
+def measured_run(what: str, out: Path, *args: str):
+    """`ragbeam run ARGS --output OUT` with its whole process tree sampled as bench/measure.py
+    does (a Measurement); prints the peak RSS under `what`, fails the test on a non-zero exit."""
+    from bench.measure import run_measured
+
+    m = run_measured([sys.executable, '-m', 'pipeline', 'run', *map(str, args), '--output',
+                      str(out)], cwd=ROOT)
+    assert m.returncode == 0, m.output[-3000:]
+    print(f'\n{what}: peak RSS {m.peak_rss_mb:.0f} MB, {m.wall_seconds:.1f} s')
+    return m
+
+
 def check_output(out: Path, *args: str) -> str:
     """Runs the shared contract checker; fails the test unless every check holds."""
     proc = subprocess.run([sys.executable, str(CHECK), str(out), *map(str, args)],

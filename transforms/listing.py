@@ -6,6 +6,7 @@ from typing import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.monitor import WORK
 from transforms.store import StoreConfig, StoreError, store_for
 from transforms.types import ObjectRef
 
@@ -18,6 +19,7 @@ def list_pattern(pattern: str, config: StoreConfig) -> Iterator[ObjectRef]:
     for ref in store_for(pattern, config).list(pattern):
         _listed.inc()
         _listed_bytes.inc(ref.size)
+        WORK.add(objects_listed=1, bytes_listed=ref.size)
         yield ref
 
 

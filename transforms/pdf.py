@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
+from transforms.monitor import WORK, MonitorOptions, StageMonitor
 from transforms.progress import Progress
 from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
                                 error_record, finish_restriction, is_blank, is_pdf_name,
@@ -64,16 +65,18 @@ class ReadPdfs(beam.PTransform):
     objects that were sent here for a PDF header in their content but do not open as PDFs
     (the text reader tries them again)."""
 
-    def __init__(self, chunker: ChunkerSettings, options: PdfOptions, store: StoreConfig):
+    def __init__(self, chunker: ChunkerSettings, options: PdfOptions, store: StoreConfig,
+                 monitor: MonitorOptions = MonitorOptions()):
         super().__init__()
         self._chunker, self._options, self._store = chunker, options, store
+        self._monitor = monitor
 
     def expand(self, refs) -> ReadResult:
-        opened = refs | 'Open' >> beam.ParDo(OpenPdfs(self._options, self._store)).with_output_types(
+        opened = refs | 'Open' >> beam.ParDo(OpenPdfs(self._options, self._store, self._monitor)).with_output_types(
             PdfDocument, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef
         ).with_outputs(ERRORS, STATS, HANDED_OFF, main='documents')
         pages = opened.documents | 'ReadPages' >> beam.ParDo(
-            ReadPdfChunks(self._chunker, self._options, self._store)).with_output_types(
+            ReadPdfChunks(self._chunker, self._options, self._store, self._monitor)).with_output_types(
             Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats]
         ).with_outputs(ERRORS, STATS, main='chunks')
         errors = (opened[ERRORS], pages[ERRORS]) | 'Errors' >> beam.Flatten()
@@ -84,10 +87,12 @@ class ReadPdfs(beam.PTransform):
 class _SandboxDoFn(beam.DoFn):
     """A DoFn with one pypdf sandbox process per instance, started on first use."""
 
-    def __init__(self, options: PdfOptions, store_config: StoreConfig):
+    def __init__(self, options: PdfOptions, store_config: StoreConfig, monitor: MonitorOptions):
         self._options = options
         self._store_config = store_config
         self._sandbox: Optional[PdfSandbox] = None
+        self._read = StageMonitor('read', monitor.memory_warn_mb)
+        self._child = StageMonitor('pdf_child', monitor.memory_warn_mb)
 
     def setup(self) -> None:
         self._sandbox = PdfSandbox(self._options.limits)
@@ -99,7 +104,16 @@ class _SandboxDoFn(beam.DoFn):
     def _open(self, ref: ObjectRef) -> int:
         store = store_for(ref.uri, self._store_config)
         self._sandbox.bytes_read = 0
-        return self._sandbox.open(lambda a, b: store.read_range(ref, a, b), ref.size)
+        try:
+            with self._read.timed(ref.uri):
+                return self._sandbox.open(lambda a, b: store.read_range(ref, a, b), ref.size)
+        finally:
+            self._sample(ref)
+
+    def _sample(self, ref: ObjectRef) -> None:
+        """The memory of this worker and of its pypdf process."""
+        self._read.sample(ref.uri)
+        self._child.sample(ref.uri, rss=self._sandbox.child_rss_mb())
 
 
 def open_failure_reason(e: Exception) -> str:
@@ -137,8 +151,10 @@ class OpenPdfs(_SandboxDoFn):
             else:
                 stats = ObjectStats(bytes_read=stats.bytes_read, kind='pdf')
                 stats.fail(open_failure_reason(e))
+            WORK.add(bytes_read=stats.bytes_read, objects_done=int(stats.status == 'failed'))
             yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
             return
+        WORK.add(bytes_read=self._sandbox.bytes_read)
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, ObjectStats(
             kind='pdf', pages=pages, bytes_read=self._sandbox.bytes_read)))
         yield PdfDocument(ref, pages)
@@ -150,13 +166,19 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
     Chunk offsets are characters of the page's extracted text, pages are 1-based. A page that
     fails is an error record with its page number; the other pages are still ingested. An
     image-only page is OCR'd with --ocr tesseract, else recorded as `ocr_needed`.
+    Its pypdf process ends with each bundle too, before the sinks downstream flush their last
+    row groups: with the model loaded, that flush is the run's peak of memory.
     """
 
-    def __init__(self, settings: ChunkerSettings, options: PdfOptions, store_config: StoreConfig):
-        super().__init__(options, store_config)
+    def __init__(self, settings: ChunkerSettings, options: PdfOptions, store_config: StoreConfig,
+                 monitor: MonitorOptions = MonitorOptions()):
+        super().__init__(options, store_config, monitor)
         self._settings = settings
         self.split_size = options.pages_per_split
         self._pages = Metrics.counter('ragbeam', 'pdf_pages')
+
+    def finish_bundle(self) -> None:
+        self._sandbox.close()
 
     def initial_restriction(self, doc: PdfDocument) -> OffsetRange:
         return OffsetRange(0, doc.pages)
@@ -182,14 +204,18 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
                     break
                 progress.update(index)
                 yield from self._page_chunks(ref, index, stats)
+                self._sample(ref)
             self._pages.inc(tracker.current_restriction().stop - first)
         stats.bytes_read = self._sandbox.bytes_read
+        WORK.add(bytes_read=stats.bytes_read,
+                 objects_done=int(tracker.current_restriction().stop >= doc.pages))
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
 
     def _page_chunks(self, ref: ObjectRef, index: int, stats: ObjectStats) -> Iterator:
         page = index + 1
         try:
-            text, has_images = self._sandbox.page(index)
+            with self._read.timed(ref.uri):  # the child's extraction is the read's time
+                text, has_images = self._sandbox.page(index)
             if is_blank(text) and has_images:
                 if self._options.ocr != 'tesseract':
                     stats.ocr_needed += 1
@@ -197,7 +223,8 @@ class ReadPdfChunks(_SandboxDoFn, OffsetRangeSplits):
                         uri=ref.uri, stage='ocr', error_type='ocr_needed', version=ref.version,
                         page=page, message='the page has images but no text layer; run with --ocr tesseract'))
                     return
-                text = self._ocr(index)
+                with self._read.timed(ref.uri):
+                    text = self._ocr(index)
         except (PdfError, OSError) as e:
             stats.errors += 1
             yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'extract', e, page=page))

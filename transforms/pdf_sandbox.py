@@ -97,6 +97,10 @@ class PdfSandbox:
         """The images of page `index`, each as PNG bytes."""
         return self._call(('images', index), self._limits.page_timeout_seconds)
 
+    def child_rss_mb(self) -> float:
+        """Resident memory of the pypdf process (0 when none runs)."""
+        return _rss_mb(self._proc.pid) if self._proc is not None and self._proc.poll() is None else 0.0
+
     def close(self) -> None:
         if self._proc is not None:
             self._proc.kill()

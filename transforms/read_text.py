@@ -11,6 +11,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, TextEncoding, UndecodableError, detect_encoding
+from transforms.monitor import WORK, MonitorOptions, StageMonitor
 from transforms.progress import Progress
 from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
                                 error_record, finish_restriction, has_pdf_header, is_blank,
@@ -45,9 +46,9 @@ class ReadText(beam.PTransform):
     `sniff_pdfs`) the refs of objects whose content turns out to be a PDF."""
 
     def __init__(self, chunker: ChunkerSettings, options: TextReadOptions, store: StoreConfig,
-                 sniff_pdfs: bool = True):
+                 sniff_pdfs: bool = True, monitor: MonitorOptions = MonitorOptions()):
         super().__init__()
-        self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs)
+        self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs, monitor)
 
     def expand(self, refs) -> ReadResult:
         out = refs | 'Read' >> beam.ParDo(self._fn).with_output_types(
@@ -113,7 +114,8 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
     """
 
     def __init__(self, settings: ChunkerSettings, options: TextReadOptions,
-                 store_config: StoreConfig, sniff_pdfs: bool = True):
+                 store_config: StoreConfig, sniff_pdfs: bool = True,
+                 monitor: MonitorOptions = MonitorOptions()):
         self._settings = settings
         self._store_config = store_config
         self._window = options.window_bytes
@@ -121,6 +123,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         self.split_size = options.split_bytes
         self._bytes_read = Metrics.counter('ragbeam', 'bytes_read')
         self._chunks = Metrics.counter('ragbeam', 'chunks')
+        self._monitor = StageMonitor('read', monitor.memory_warn_mb)
 
     # RestrictionProvider: the restriction is a byte range of the object.
     def initial_restriction(self, ref: ObjectRef) -> OffsetRange:
@@ -139,7 +142,8 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
             read, ref.size, self._window, limit=DETECT_BYTES)
         stats = ObjectStats(kind='text')
         try:
-            head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
+            with self._monitor.timed(ref.uri):
+                head = head_reader.fetch(0, min(ref.size, DETECT_BYTES))
             if self._sniff_pdfs and has_pdf_header(head):
                 finish_restriction(tracker)
                 stats.kind = None  # the PDF reader decides
@@ -162,6 +166,10 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         stats.bytes_read = reader.bytes_read + (head_reader.bytes_read if not owns_head else 0)
         self._bytes_read.inc(stats.bytes_read)
         self._chunks.inc(stats.chunks)
+        self._monitor.sample(ref.uri)
+        WORK.add(bytes_read=stats.bytes_read,
+                 objects_done=int(tracker.current_restriction().stop >= ref.size
+                                  and stats.kind is not None))
         yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
 
     def _chunks_of(self, ref: ObjectRef, tracker, reader: ByteWindowReader,
@@ -177,10 +185,11 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         progress = Progress(ref.uri, restriction.start, restriction.stop, 'byte')
         for start, end in rule.spans(reader.fetch, tracker.try_claim, first):
             progress.update(end)
-            raw = reader.fetch(start, end)
-            reader.release(end - keep)
             try:
-                text = raw.decode(encoding.codec)
+                with self._monitor.timed(ref.uri):  # the store's reads and the decoding
+                    raw = reader.fetch(start, end)
+                    reader.release(end - keep)
+                    text = raw.decode(encoding.codec)
             except UnicodeDecodeError as e:
                 stats.errors += 1
                 yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'decode', e, start, end))

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
+from transforms.monitor import WORK
 from transforms.readers import is_pdf_name
 from transforms.types import ObjectRef
 
@@ -58,6 +59,7 @@ class _RouteFn(beam.DoFn):
         uri, ref = element
         reason = self._options.skip_reason(ref)
         if reason:
+            WORK.add(objects_done=1)
             yield beam.pvalue.TaggedOutput('skipped', (uri, reason))
         elif is_pdf_name(uri):
             yield beam.pvalue.TaggedOutput('pdf', ref)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
 from transforms.batch import BatchBounded
+from transforms.monitor import WORK, MonitorOptions, StageMonitor
 from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema
 
 ROW_GROUP_ROWS = 4096
@@ -44,19 +45,34 @@ def _chunk_bytes(chunk: Chunk) -> int:
 class WriteChunks(beam.PTransform):
     """Embedded Chunks -> Parquet files `<prefix>-*.parquet`, in row groups of bounded size."""
 
-    def __init__(self, path_prefix: str, dim: int):
+    def __init__(self, path_prefix: str, dim: int, monitor: MonitorOptions = MonitorOptions()):
         super().__init__()
         self._prefix = path_prefix
         self._schema = chunk_schema(dim)
+        self._monitor = monitor
 
     def expand(self, chunks):
         schema = self._schema
         return (chunks
                 | 'RowGroups' >> beam.ParDo(BatchBounded(ROW_GROUP_ROWS, ROW_GROUP_BYTES,
                                                          weight=_chunk_bytes))
-                | 'ToArrow' >> beam.Map(chunk_table, schema)
+                | 'ToArrow' >> beam.ParDo(_ToArrow(schema, self._monitor))
                 | 'Write' >> beam.io.WriteToParquetBatched(
                     self._prefix, schema=schema, codec='zstd', file_name_suffix='.parquet'))
+
+
+class _ToArrow(beam.DoFn):
+    """A row group of chunks -> its Arrow table, watched as the write stage."""
+
+    def __init__(self, schema: pa.Schema, monitor: MonitorOptions):
+        self._schema = schema
+        self._monitor = StageMonitor('write', monitor.memory_warn_mb)
+
+    def process(self, chunks: list[Chunk]) -> Iterator[pa.Table]:
+        with self._monitor.timed(chunks[0].uri):
+            table = chunk_table(chunks, self._schema)
+        WORK.add(chunks_written=len(chunks))
+        yield table
 
 
 class WriteManifest(beam.PTransform):
