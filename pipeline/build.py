@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import time
 
 import apache_beam as beam
@@ -114,7 +113,7 @@ def run(opts: RunOptions) -> dict | None:
     found = metrics(result)
     report = reporting.summarise(opts, index_meta, found['counters'],
                                  wall_seconds=time.time() - started,
-                                 peak_rss_mb=max(monitor.peak_mb, peak_rss_mb()),
+                                 peak_rss_mb=monitor.peak_mb,
                                  stages=reporting.stages(found), rss_series=monitor.series)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
     return report
@@ -141,10 +140,3 @@ def metrics(result) -> dict[str, dict]:
             found['maxima'][name] = max(found['maxima'].get(name, 0), value.max)
     found['counters'] = dict(sorted(found['counters'].items()))
     return found
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of the largest of this process and its finished children."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 1024, 1)
