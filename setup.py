@@ -21,9 +21,13 @@ setup(
         'faiss-cpu>=1.8',
         'charset-normalizer>=3.3',
         'numpy',
+        # the corpus tables: Delta Lake through delta-rs (atomic commits, time travel)
+        'deltalake==1.6.6',
     ],
     extras_require={
-        'test': ['pytest', 'hypothesis', 'moto[server]', 'gcp-storage-emulator'],
+        'test': ['pytest', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
+                 # DuckDB reads the committed tables (its delta extension, offline)
+                 'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5'],
         'bench': ['matplotlib'],
         # `ragbeam report --png`
         'report': ['matplotlib'],

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
+from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
@@ -11,8 +13,9 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from pipeline import report as reporting
 from pipeline.monitor import RunMonitor
 from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
-from transforms import index, outputs
-from transforms.embed import Embed, describe_embedder, release_embedders
+from transforms import corpus, index, outputs
+from transforms.corpus import Diff
+from transforms.embed import EMBEDDERS, Embed, describe_embedder, release_embedders
 from transforms.entities import ExtractEntities, release_model
 from transforms.listing import ListObjects, check_patterns
 from transforms.manifest import BuildManifest
@@ -20,22 +23,50 @@ from transforms.pdf import ReadPdfs
 from transforms.read_text import ReadText
 from transforms.route import Route
 from transforms.store import StoreConfig
-from transforms.types import chunk_schema
+from transforms.types import MANIFEST_SCHEMA, CommittedObject, chunk_schema
 from transforms.write import WriteChunks, WriteErrors, WriteManifest
 
 _log = logging.getLogger(__name__)
 
 
-def build(p: beam.Pipeline, opts: RunOptions) -> None:
-    """Adds the ingestion graph: list -> route -> read -> enrich -> embed -> write, plus the
-    manifest of every listed object and the error records.
+@dataclass(frozen=True)
+class RunPlan:
+    """What the driver knows before the pipeline starts: the run's id, the settings
+    fingerprint, and the committed objects the listing is diffed against."""
+    run_id: str
+    fingerprint: str
+    committed: list
+
+
+def settings(opts: RunOptions) -> dict:
+    """What enters the settings fingerprint: whatever makes the same object give other
+    chunks, vectors or columns."""
+    import pypdf
+
+    return {'chunk': opts.chunker.tag(), 'embedder': EMBEDDERS[opts.embed.embedder].name,
+            'dim': opts.embed.dim, 'pdf': f'pypdf-{pypdf.__version__}', 'ocr': opts.pdf.ocr,
+            'entities': opts.entities.entities}
+
+
+def run_folder(output: str, run_id: str, *parts: str) -> str:
+    """The run's own small outputs (staged manifest, changes, errors) until its commit."""
+    return outputs.path(output, '_ragbeam', 'runs', run_id, *parts)
+
+
+def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
+    """Adds the ingestion graph: list -> diff -> route -> read -> enrich -> embed -> write,
+    plus the manifest of every object read, the diff's decisions and the error records, all
+    staged for the driver's commit.
 
     Chunk text and embeddings stay on one fused path from each reader to its Parquet sink;
-    only object refs, stats and error records cross a shuffle.
+    only object refs, committed-object records, stats and error records cross a shuffle.
     """
     out = opts.output
     listed = p | 'List' >> ListObjects(opts.inputs, opts.store)
-    routes = listed | 'Route' >> Route(opts.route)
+    committed = p | 'Committed' >> beam.Create(plan.committed).with_output_types(CommittedObject)
+    diff = (listed, committed) | 'Diff' >> Diff(plan.fingerprint, opts.inputs,
+                                                opts.backfill.full)
+    routes = diff.read | 'Route' >> Route(opts.route)
     watch = opts.monitor
     text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store,
                                                 monitor=watch)
@@ -45,21 +76,26 @@ def build(p: beam.Pipeline, opts: RunOptions) -> None:
     not_pdfs = pdfs.handed_off | 'ReadNotPdfs' >> ReadText(opts.chunker, opts.text, opts.store,
                                                            sniff_pdfs=False, monitor=watch)
     reads = {'text': text, 'pdf': pdfs, 'notpdf': not_pdfs}
+    chunks_staging = corpus.staging(outputs.path(out, 'chunks'), plan.run_id)
     # Each reader's chunks are enriched, embedded and written on their own path: a Flatten
     # of them would be a fusion break that holds every chunk in memory on the FnApiRunner.
     for name, read in reads.items():
         _ = (read.chunks
              | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
              | f'Embed/{name}' >> Embed(opts.embed, watch)
-             | f'Write/{name}' >> WriteChunks(outputs.path(out, 'chunks', name), opts.embed.dim,
-                                              watch))
+             | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
+                                              opts.embed.dim, watch))
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
-    _ = ((listed, stats, routes.skipped)
+    _ = ((diff.read, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
-         | 'WriteManifest' >> WriteManifest(outputs.path(out, 'manifest', 'manifest')))
+         | 'WriteManifest' >> WriteManifest(run_folder(out, plan.run_id, 'manifest', 'manifest')))
+    _ = (diff.changes
+         | 'ChangesJson' >> beam.Map(lambda c: json.dumps([c.uri, c.change]))
+         | 'WriteChanges' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'changes'),
+                                                 file_name_suffix='.jsonl', num_shards=1))
     _ = (tuple(r.errors for r in reads.values())
          | 'AllErrors' >> beam.Flatten()
-         | 'WriteErrors' >> WriteErrors(outputs.path(out, 'errors', 'errors')))
+         | 'WriteErrors' >> WriteErrors(run_folder(out, plan.run_id, 'errors', 'errors')))
 
 
 def make_pipeline(beam_args: list[str], store: StoreConfig) -> beam.Pipeline:
@@ -79,44 +115,114 @@ def make_pipeline(beam_args: list[str], store: StoreConfig) -> beam.Pipeline:
 
 
 def run(opts: RunOptions) -> dict | None:
-    """Runs the whole job; returns the report, or None when the runner only translated it."""
+    """Runs the whole job; returns the report, or None when the runner only translated it.
+
+    The previous committed corpus stays readable, unchanged, until this run's commit; a run
+    that dies before it leaves only run-scoped files, which the next run removes.
+    """
     opts.validate()
     started = time.time()
     p = make_pipeline(opts.beam_args, opts.store)
     outputs.configure(p.options)
     check_patterns(opts.inputs, opts.store)
     outputs.prepare(opts.output)
-    build(p, opts)
+    storage = opts.store.delta_storage_options(opts.output)
+    corpus.roll_forward(opts.output, storage)  # a commit whose driver died half-way
+    corpus.clean_staging(opts.output, storage)
+    committed = corpus.Corpus(opts.output, storage)
+    plan = RunPlan(corpus.new_run_id(), corpus.fingerprint(settings(opts)),
+                   committed.committed_objects())
+    build(p, opts, plan)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers)', opts.embed.embedder,
+    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers); %s', opts.embed.embedder,
               describe_embedder(opts.embed.embedder, opts.embed.device, opts.embed.runtime),
               options.view_as(StandardOptions).runner
-              or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1)
+              or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1,
+              f'incremental over table version {committed.version}'
+              if committed.version is not None and not opts.backfill.full else 'full run')
     with RunMonitor() as monitor:
         result = p.run()
         if dry_run:
             _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
-                         'no report and no index are built')
+                         'nothing is committed')
             return None
         result.wait_until_finish()
     release_embedders()  # models the in-process runner loaded here; the index needs none
     release_model()
     gc.collect()
-    outputs.ensure_table(outputs.path(opts.output, 'chunks'), chunk_schema(opts.embed.dim),
-                         opts.store)
-    index_meta = None
-    if opts.index.type != 'none':
-        index_meta = index.build_index(opts.output, opts.index.type, opts.store,
-                                       opts.index.memory_mb,
-                                       lambda: make_pipeline(opts.beam_args, opts.store))
+    corpus.crash_point('after-pipeline')
+    staged = outputs.ParquetFolder(run_folder(opts.output, plan.run_id, 'manifest'),
+                                   opts.store).table(MANIFEST_SCHEMA.names)
+    changes = dict(_read_changes(run_folder(opts.output, plan.run_id)))
     found = metrics(result)
+    summary = reporting.run_counts(changes, staged)
+    try:
+        done = corpus.commit(committed, plan.run_id, plan.fingerprint,
+                             chunk_schema(opts.embed.dim), staged, changes, opts.backfill,
+                             summary)
+    except corpus.CommitError as e:
+        corpus.clean_staging(opts.output, storage)
+        raise UsageError(str(e))
+    _publish_errors(opts.output, plan.run_id)
+    corpus.crash_point('before-index')
+    index_meta = _update_index(opts, done.version)
     report = reporting.summarise(opts, index_meta, found['counters'],
                                  wall_seconds=time.time() - started,
                                  peak_rss_mb=monitor.peak_mb,
-                                 stages=reporting.stages(found), rss_series=monitor.series)
+                                 stages=reporting.stages(found), rss_series=monitor.series,
+                                 run=dict(summary, table_version=done.version,
+                                          committed=done.committed,
+                                          chunks_added=done.chunks_added,
+                                          chunks_removed=done.chunks_removed,
+                                          commit_seconds=done.seconds),
+                                 staged=staged)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
+    corpus.clean_staging(opts.output, storage)
+    outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
     return report
+
+
+def _read_changes(folder: str):
+    from apache_beam.io.filesystems import FileSystems
+
+    for meta in FileSystems.match([outputs.path(folder, 'changes*.jsonl')])[0].metadata_list:
+        with FileSystems.open(meta.path, compression_type='uncompressed') as f:
+            for line in f.read().decode('utf-8').splitlines():
+                if line:
+                    uri, change = json.loads(line)
+                    yield uri, change
+
+
+def _publish_errors(output: str, run_id: str) -> None:
+    """errors/ holds the error records of the last committed run."""
+    from apache_beam.io.filesystems import FileSystems
+
+    outputs.remove(output, ['errors'])
+    found = FileSystems.match([run_folder(output, run_id, 'errors', '*.jsonl')])[0].metadata_list
+    for n, meta in enumerate(found):
+        with FileSystems.open(meta.path, compression_type='uncompressed') as f:
+            data = f.read()
+        with FileSystems.create(outputs.path(output, 'errors', f'errors-{n:05d}.jsonl')) as f:
+            f.write(data)
+
+
+def _update_index(opts: RunOptions, version: int | None) -> dict | None:
+    """The index of the committed table version: rebuilt when the table changed, kept when
+    index.json already names this version."""
+    if opts.index.type == 'none':
+        return None
+    from apache_beam.io.filesystems import FileSystems
+
+    meta_path = outputs.path(opts.output, 'index', 'index.json')
+    if FileSystems.exists(meta_path):
+        meta = outputs.read_json(meta_path)
+        if meta.get('table_version') == version and meta.get('requested_type') == opts.index.type:
+            _log.info('ragbeam: the index already matches table version %s', version)
+            return meta
+    return index.build_index(opts.output, opts.index.type, opts.store, opts.index.memory_mb,
+                             lambda: make_pipeline(opts.beam_args, opts.store),
+                             table_version=version)
 
 
 def metrics(result) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""The `ragbeam` command: run, index, query, report."""
+"""The `ragbeam` command: run, index, query, report, history."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ os.environ.setdefault('ARROW_DEFAULT_MEMORY_POOL', 'system')
 import argparse
 import json
 import logging
+import time
 import sys
 from typing import Optional, Sequence
 
@@ -69,6 +70,11 @@ def parser() -> argparse.ArgumentParser:
                             'spacy), e.g. PERSON:Ada Lovelace, GPE:Paris')
     query.add_argument('text', nargs='+', metavar='TEXT')
     add_flags(query, StoreConfig)
+
+    history = sub.add_parser('history', help="list the corpus's commits in DIR")
+    history.add_argument('--output', required=True, metavar='DIR')
+    history.add_argument('--json', action='store_true', help='a JSON array instead of text')
+    add_flags(history, StoreConfig)
 
     summary = sub.add_parser('report', help="print the summary table of DIR's last run")
     summary.add_argument('--output', required=True, metavar='DIR')
@@ -160,6 +166,32 @@ def _report(args) -> int:
     return 0
 
 
+def _history(args) -> int:
+    from transforms.corpus import Corpus
+
+    config = _store(args)
+    commits = Corpus(args.output, config.delta_storage_options(args.output)).history()
+    if not commits:
+        raise UsageError(f'no committed corpus in {args.output} (run `ragbeam run` first)')
+    rows = []
+    for c in commits:
+        summary = json.loads(c.get('ragbeam_summary') or '{}')
+        rows.append({'version': c['version'], 'time': time.strftime(
+            '%Y-%m-%dT%H:%M:%SZ', time.gmtime(c['timestamp'] / 1000)), 'run': c.get('ragbeam_run'),
+            'fingerprint': c.get('ragbeam_fingerprint'), **summary})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':>7}  {'time':<20}  {'fingerprint':<16}  {'new':>5} {'changed':>7} "
+          f"{'retried':>7} {'unchanged':>9} {'deleted':>7} {'failed':>6}")
+    for r in rows:
+        print(f"{r['version']:>7}  {r['time']:<20}  {r['fingerprint'] or '-':<16}  "
+              f"{r.get('objects_new', 0):>5} {r.get('objects_changed', 0):>7} "
+              f"{r.get('objects_retried', 0):>7} {r.get('objects_unchanged', 0):>9} "
+              f"{r.get('objects_deleted', 0):>7} {r.get('objects_read_failed', 0):>6}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     for ours in ('ragbeam', 'pipeline', 'transforms'):
@@ -167,12 +199,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # "No shards found to finalize": Beam's way of saying there were no error records
     logging.getLogger('apache_beam.io.filebasedsink').setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(argv)
+    if 'deltalake' in sys.modules:
+        # delta-rs's runtime threads can abort the interpreter's teardown ("terminate called
+        # without an active exception", delta-io/delta-rs#2184) after the work is done and
+        # committed: leave without the teardown, once everything is flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     try:
         args, rest = parser().parse_known_args(argv)
-        if args.command in ('query', 'report') and rest:
+        if args.command in ('query', 'report', 'history') and rest:
             raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
         return {'run': lambda: _run(args, rest), 'index': lambda: _index(args, rest),
-                'query': lambda: _query(args), 'report': lambda: _report(args)}[args.command]()
+                'query': lambda: _query(args), 'report': lambda: _report(args),
+                'history': lambda: _history(args)}[args.command]()
     except (UsageError, NoMatchError, OutputError, MissingChunksError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)
         return 2

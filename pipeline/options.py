@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from transforms.chunk import ChunkerSettings
+from transforms.corpus import BackfillOptions
 from transforms.embed import EmbedOptions
 from transforms.entities import EntityOptions
 from transforms.index import IndexOptions
@@ -108,7 +109,8 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             kwargs['action'] = 'store_true'
         else:
             kwargs['type'] = _size if m.get('size') else base
-            kwargs['metavar'] = 'BYTES' if m.get('size') else _METAVARS.get(base, 'VALUE')
+            kwargs['metavar'] = m.get('metavar') or ('BYTES' if m.get('size') else
+                                                     _METAVARS.get(base, 'VALUE'))
             if 'choices' in m:
                 kwargs['choices'] = m['choices']
                 kwargs['metavar'] = '|'.join(m['choices'])
@@ -145,6 +147,7 @@ class RunOptions:
     index: IndexOptions = field(default_factory=IndexOptions)
     store: StoreConfig = field(default_factory=StoreConfig)
     monitor: MonitorOptions = field(default_factory=MonitorOptions)
+    backfill: BackfillOptions = field(default_factory=BackfillOptions)
     beam_args: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -159,6 +162,7 @@ class RunOptions:
             self.index.validate()
             self.store.validate()
             self.monitor.validate()
+            self.backfill.validate()
         except ValueError as e:
             raise UsageError(str(e))
         if self.pdf.ocr == 'tesseract' and not shutil.which('tesseract'):

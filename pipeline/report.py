@@ -23,24 +23,43 @@ def stages(found: dict) -> dict:
     return result
 
 
+CHANGES = ('new', 'changed', 'retried', 'unchanged', 'deleted')
+
+
+def run_counts(changes: dict[str, str], staged) -> dict:
+    """What the diff decided and what the run read: objects new, changed, retried (failed
+    before), unchanged (not read), deleted; of those read, how many failed."""
+    counts = Counter(changes.values())
+    found = {f'objects_{c}': counts.get(c, 0) for c in CHANGES}
+    found['objects_read'] = staged.num_rows
+    found['objects_read_failed'] = Counter(staged.column('status').to_pylist()).get('failed', 0)
+    return found
+
+
 def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
               wall_seconds: float, peak_rss_mb: float, stages: Optional[dict] = None,
-              rss_series: Optional[list] = None) -> dict:
-    """The run summary (README, "Output layout"), read back from the written manifest."""
+              rss_series: Optional[list] = None, run: Optional[dict] = None,
+              staged=None) -> dict:
+    """The run summary (README, "Output layout"): the committed corpus's objects from its
+    manifest table; bytes read and the diff's counts from this run (`staged`: the manifest
+    rows of the objects it read; `run`: the diff and the commit)."""
     manifest = outputs.ParquetFolder(outputs.path(opts.output, 'manifest'), opts.store)
     table = manifest.table(['status', 'size', 'bytes_read', 'chunks', 'reason'])
     status = Counter(table.column('status').to_pylist())
     skipped_bytes = pc.sum(pc.filter(table.column('size'),
                                      pc.equal(table.column('status'), 'skipped'))).as_py() or 0
+    read = staged if staged is not None else table
     return {
         'objects_listed': table.num_rows,
         'objects_ok': status.get('ok', 0),
         'objects_failed': status.get('failed', 0),
         'objects_skipped': status.get('skipped', 0),
         'bytes_listed': pc.sum(table.column('size')).as_py() or 0,
-        'bytes_read': pc.sum(table.column('bytes_read')).as_py() or 0,
+        'bytes_read': pc.sum(read.column('bytes_read')).as_py() or 0,
         'bytes_skipped': skipped_bytes,
         'chunks': pc.sum(table.column('chunks')).as_py() or 0,
+        'chunks_embedded': counters.get('chunks_embedded', pc.sum(read.column('chunks')).as_py() or 0),
+        'run': run or {},
         'failure_reasons': dict(Counter(
             r.split(':', 1)[0] for r, s in zip(table.column('reason').to_pylist(),
                                                table.column('status').to_pylist())
@@ -58,10 +77,20 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
 
 def one_line(report: dict) -> str:
     """The summary a person reads at the end of a run."""
-    return (f"ragbeam: {report['objects_listed']} objects listed: {report['objects_ok']} ok, "
+    run = report.get('run') or {}
+    diff = ''
+    if run:
+        diff = (f" (new {run.get('objects_new', 0)}, changed {run.get('objects_changed', 0)}, "
+                f"retried {run.get('objects_retried', 0)}, unchanged "
+                f"{run.get('objects_unchanged', 0)}, deleted {run.get('objects_deleted', 0)})")
+        commit = (f"table version {run.get('table_version')}" if run.get('committed')
+                  else f"nothing to commit, table version {run.get('table_version')}")
+    return (f"ragbeam: {report['objects_listed']} objects{diff}: {report['objects_ok']} ok, "
             f"{report['objects_failed']} failed, {report['objects_skipped']} skipped; "
-            f"{report['chunks']} chunks from {report['bytes_read']} bytes read in "
-            f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mb']} MB")
+            f"{report['chunks']} chunks ({run.get('chunks_added', 0)} added, "
+            f"{run.get('chunks_removed', 0)} removed) from {report['bytes_read']} bytes read in "
+            f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mb']} MB"
+            + (f'; {commit}' if run else ''))
 
 
 def table(report: dict) -> str:

@@ -90,7 +90,13 @@ def check_output(out: Path, *args: str) -> str:
     """Runs the shared contract checker; fails the test unless every check holds."""
     proc = subprocess.run([sys.executable, str(CHECK), str(out), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    # The checker reads Delta tables with deltalake, whose threads sometimes abort the
+    # interpreter's teardown after it printed its verdict (delta-io/delta-rs#2184): that
+    # abort is the checker process's exit, not a check.
+    torn_down = (proc.returncode == -6 and proc.stderr.strip() ==
+                 'terminate called without an active exception')
+    assert proc.returncode == 0 or (torn_down and proc.stdout.strip().splitlines()[-1]
+                                    .startswith('OK:')), proc.stdout[-4000:] + proc.stderr[-2000:]
     return proc.stdout
 
 

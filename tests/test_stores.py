@@ -154,12 +154,12 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
     ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
             '--s3-endpoint-url', s3.endpoint)
     s3.client().put_object(Bucket='results', Key='run1/chunks/stale-from-an-old-run.parquet',
-                           Body=b'not parquet')
-    ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
-            '--s3-endpoint-url', s3.endpoint)  # a re-run replaces the earlier outputs
+                           Body=b'not parquet')  # not in the Delta log: no reader sees it
+    proc = ragbeam('run', '--input', CORPUS / 'text', '--output', 's3://results/run1',
+                   '--s3-endpoint-url', s3.endpoint)  # incremental: nothing changed
+    assert 'nothing to commit, table version 0' in proc.stdout
     local = tmp_path / 'copy'
     s3.download_tree('results', 'run1', local)
-    assert not (local / 'chunks' / 'stale-from-an-old-run.parquet').exists()
     check_output(local, '--input', CORPUS / 'text')
     hits = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                               s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
@@ -190,15 +190,14 @@ def test_gcs_gives_the_same_chunks_as_local(gcs, text_run, tmp_path):
     assert chunk_set(out) == chunk_set(text_run)
 
 
-def test_outputs_on_gcs_and_query_from_gcs(gcs, tmp_path):
-    gcs.client().create_bucket('results')
-    ragbeam('run', '--input', CORPUS / 'text', '--output', 'gs://results/run1')
-    local = tmp_path / 'copy'
-    gcs.download_tree('results', 'run1', local)
-    check_output(local, '--input', CORPUS / 'text')
-    hits = json.loads(ragbeam('query', '--output', 'gs://results/run1', '--json', '-k', '3',
-                              'uniform resource identifier').stdout)
-    assert hits and hits[0]['uri'].endswith('rfc3986.txt')
+def test_a_corpus_on_gcs_is_a_clear_error_for_now(gcs, tmp_path):
+    """The corpus tables are Delta tables that delta-rs commits; its GCS client speaks GCS's
+    XML API, which the emulator lacks, so gs:// outputs are refused until that is tested."""
+    proc = ragbeam('run', '--input', CORPUS / 'text', '--output', 'gs://results/run1',
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        'ragbeam: error: --output gs://results/run1: a corpus on gs:// is not supported yet')
 
 
 def test_gcs_reads_are_exact_and_deleted_objects_are_not_found(gcs):

@@ -1,7 +1,6 @@
 """The output layout under --output: paths, preparing the folder, small JSON and Parquet files."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -17,7 +16,6 @@ from transforms.ranged_file import RangedFile
 from transforms.store import Store, StoreConfig, store_for
 from transforms.types import ObjectRef
 
-RUN_OUTPUTS = ('chunks', 'manifest', 'errors', 'index', 'report.json')
 
 
 class OutputError(OSError):
@@ -44,7 +42,12 @@ def configure(options: PipelineOptions) -> None:
 
 
 def prepare(output: str) -> None:
-    """Makes the output location, checks it is writable, and removes an earlier run's outputs."""
+    """Makes the output location and checks it is writable; an earlier run's corpus stays
+    until this run commits."""
+    if output.startswith('gs://'):
+        raise OutputError(f'--output {output}: a corpus on gs:// is not supported yet (its Delta '
+                          'tables are committed with delta-rs, untested on GCS here); write to '
+                          'a local folder or s3://, inputs may stay on gs://')
     try:
         if is_local(output):
             os.makedirs(output, exist_ok=True)
@@ -54,7 +57,6 @@ def prepare(output: str) -> None:
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem's error means the same thing to the user
         raise OutputError(f'cannot write to --output {output}: {e}') from e
-    remove(output, RUN_OUTPUTS)
 
 
 def remove(folder: str, names: Iterable[str]) -> None:
@@ -78,8 +80,26 @@ def read_json(file_path: str):
         return json.loads(f.read())
 
 
+def active_files(table_path: str, storage_options: Optional[dict] = None) -> Optional[set[str]]:
+    """The URIs of the files that make up a Delta table now; None when it is not one."""
+    from deltalake import DeltaTable
+    if table_path.startswith('gs://'):  # no corpus tables on GCS yet (README, "Scheduled backfills")
+        return None
+    if not DeltaTable.is_deltatable(table_path, storage_options=storage_options):
+        return None
+    return {normal_uri(u) for u in
+            DeltaTable(table_path, storage_options=storage_options).file_uris()}
+
+
+def normal_uri(uri: str) -> str:
+    """A local file's path without `file://`, as Beam's FileSystems list it."""
+    return uri[len('file://'):] if uri.startswith('file://') else uri
+
+
 class ParquetFolder:
-    """The Parquet files directly in one output folder, read file by file.
+    """The Parquet files of one output table, read file by file: the files a Delta table's
+    log names (a Delta folder also holds files that are no longer part of it), or the
+    Parquet files directly in a plain folder.
 
     On object stores each file is opened over ranged reads (footer first, then the row groups
     of the columns asked for), never downloaded whole.
@@ -88,7 +108,12 @@ class ParquetFolder:
     def __init__(self, folder: str, config: StoreConfig = StoreConfig()):
         self.folder = folder
         self._store = store_for(folder, config)
-        self.refs = sorted(self._store.list(path(folder, '*.parquet')), key=lambda r: r.uri)
+        live = active_files(folder, config.delta_storage_options(folder))
+        if live is None:
+            found = self._store.list(path(folder, '*.parquet'))
+        else:
+            found = [r for r in self._store.list(path(folder, '**')) if normal_uri(r.uri) in live]
+        self.refs = sorted(found, key=lambda r: r.uri)
 
     def schema(self) -> Optional[pa.Schema]:
         return self.open(self.refs[0]).schema_arrow if self.refs else None
@@ -139,13 +164,3 @@ def open_parquet(ref: ObjectRef, store: Store) -> pq.ParquetFile:
         return pq.ParquetFile(ref.uri)
     return pq.ParquetFile(RangedFile(lambda a, b: store.read_range(ref, a, b), ref.size,
                                      name=ref.uri))
-
-
-def ensure_table(folder: str, schema: pa.Schema, config: StoreConfig = StoreConfig()) -> None:
-    """Writes an empty Parquet file with `schema` when a run produced no rows in `folder`."""
-    if ParquetFolder(folder, config).refs:
-        return
-    sink = io.BytesIO()
-    pq.write_table(schema.empty_table(), sink)
-    with FileSystems.create(path(folder, 'empty-00000-of-00001.parquet')) as f:
-        f.write(sink.getvalue())

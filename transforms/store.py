@@ -69,6 +69,24 @@ class StoreConfig:
         if self.max_attempts < 1:
             raise ValueError('--store-max-attempts must be at least 1')
 
+    def delta_storage_options(self, uri: str) -> Optional[dict]:
+        """deltalake's (delta-rs) storage options for a table at `uri`: the same endpoint and
+        region; credentials come from the environment, as for boto3 and google-cloud."""
+        if not uri.startswith('s3://'):
+            return None
+        found = {'conditional_put': 'etag'}  # S3's If-None-Match: safe concurrent commits
+        if self.s3_endpoint_url:
+            found['AWS_ENDPOINT_URL'] = self.s3_endpoint_url
+            if self.s3_endpoint_url.startswith('http://'):
+                found['AWS_ALLOW_HTTP'] = 'true'
+        region = self.s3_region or os.environ.get('AWS_REGION') or os.environ.get(
+            'AWS_DEFAULT_REGION')
+        if region:
+            found['AWS_REGION'] = region
+        if self.s3_path_style:
+            found['AWS_VIRTUAL_HOSTED_STYLE_REQUEST'] = 'false'
+        return found
+
 
 def retrying(config: StoreConfig, what: str, call: Callable[[], T]) -> T:
     """Runs `call`, retrying TransientError with capped exponential backoff and full jitter."""

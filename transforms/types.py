@@ -137,6 +137,17 @@ class ManifestRow:
     errors: int = 0
     pages: Optional[int] = None
     ocr_needed_pages: int = 0
+    fingerprint: Optional[str] = None  # the settings it was read with (transforms.corpus)
+
+
+@record
+@dataclass(frozen=True)
+class CommittedObject:
+    """An object of the committed manifest, as much of it as the diff needs."""
+    uri: str
+    version: str
+    status: str
+    fingerprint: Optional[str] = None
 
 
 _PLAIN = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
@@ -170,8 +181,20 @@ def arrow_schema(cls, **overrides: pa.DataType) -> pa.Schema:
 
 
 def chunk_schema(dim: int) -> pa.Schema:
-    """The chunk table (README, "Chunk schema"): embeddings as fixed-size lists of `dim`."""
-    return arrow_schema(Chunk, embedding=pa.list_(pa.float32(), dim))
+    """The chunk table (README, "Chunk schema"): embeddings as lists of `dim` float32, the
+    size in the field's metadata (`dim`): Delta Lake has no fixed-size lists."""
+    schema = arrow_schema(Chunk)
+    at = schema.get_field_index('embedding')
+    return schema.set(at, pa.field('embedding', pa.list_(pa.float32()),
+                                   metadata={'dim': str(dim)}))
+
+
+def embedding_dim(schema: pa.Schema) -> int:
+    """The embedding size of a chunk table's schema (metadata, or a fixed-size list's size)."""
+    f = schema.field('embedding')
+    if f.metadata and b'dim' in f.metadata:
+        return int(f.metadata[b'dim'])
+    return getattr(f.type, 'list_size', -1)
 
 
 MANIFEST_SCHEMA = arrow_schema(ManifestRow)

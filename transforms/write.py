@@ -15,20 +15,24 @@ import pyarrow as pa
 
 from transforms.batch import BatchBounded
 from transforms.monitor import WORK, MonitorOptions, StageMonitor
-from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema
+from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema, embedding_dim
 
 ROW_GROUP_ROWS = 4096
 ROW_GROUP_BYTES = 16 << 20
 
 
 def chunk_table(chunks: Sequence[Chunk], schema: pa.Schema) -> pa.Table:
-    """The Arrow rows of embedded chunks, in `schema` (whose embedding type gives the size)."""
+    """The Arrow rows of embedded chunks, in `schema` (whose embedding field gives the size)."""
     columns = []
     for f in schema:
         if f.name == 'embedding':
             vectors = np.frombuffer(b''.join(c.embedding for c in chunks), dtype=np.float32)
-            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(vectors),
-                                                             f.type.list_size))
+            dim = embedding_dim(schema)
+            if len(vectors) != dim * len(chunks):
+                raise ValueError(f'embeddings of {len(vectors) // max(1, len(chunks))} floats '
+                                 f'in a table of dim {dim}')
+            offsets = np.arange(0, len(vectors) + 1, dim, dtype=np.int32)
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors)))
         elif f.name == 'entities':
             columns.append(pa.array([None if c.entities is None else
                                      [dataclasses.asdict(e) for e in c.entities]

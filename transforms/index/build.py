@@ -31,7 +31,7 @@ PipelineMaker = Callable[[], beam.Pipeline]
 
 def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(),
                 memory_mb: int = 1024, pipeline: Optional[PipelineMaker] = None,
-                shard_rows: int = SHARD_ROWS) -> dict:
+                shard_rows: int = SHARD_ROWS, table_version: Optional[int] = None) -> dict:
     """Builds DIR/index from DIR/chunks; returns index.json's content.
 
     `pipeline` makes the Beam pipeline that adds ivfpq shards in parallel (default: the
@@ -48,7 +48,7 @@ def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(
         search = _build_in_memory(kind, index_dir, chunk_plan, config)
     meta = {'type': kind, 'requested_type': index_type, 'metric': 'inner_product',
             'dim': chunk_plan.dim, 'count': chunk_plan.count, 'model': chunk_plan.model,
-            'file': INDEX_FILE, 'search': search}
+            'file': INDEX_FILE, 'search': search, 'table_version': table_version}
     outputs.write_json(outputs.path(index_dir, 'index.json'), meta)
     _log.info('ragbeam: index %s of %d vectors written', kind, meta['count'])
     return meta

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from transforms import outputs
 from transforms.store import StoreConfig, store_for
-from transforms.types import ObjectRef
+from transforms.types import ObjectRef, embedding_dim
 
 INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
 BATCH_ROWS = 16384
@@ -111,7 +111,7 @@ def plan(chunks: outputs.ParquetFolder) -> Plan:
     if schema is None:
         raise MissingChunksError(f'no chunk table in {chunks.folder} '
                                  '(run `ragbeam run` into this output first)')
-    dim = schema.field('embedding').type.list_size
+    dim = embedding_dim(schema)
     found: list[tuple[ObjectRef, int, int]] = []
     ids: list[np.ndarray] = []
     models: set[str] = set()

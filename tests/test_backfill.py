@@ -1,0 +1,231 @@
+"""Scheduled backfills: a versioned corpus (Delta tables) that every run updates atomically and
+incrementally, and that a crash never leaves half-done."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CORPUS, ROOT, check_output, ragbeam
+
+FILES = ['rfc3986.txt', 'pep-0008.rst', 'alice29-crlf.txt', 'ru-koi8-r.txt', 'pep-0263.rst']
+QUERIES = ['uniform resource identifier syntax', 'the queen was in a furious passion',
+           'indentation and tabs', 'source code encoding declaration', 'percent encoding',
+           'maximum line length', 'white rabbit', 'naming conventions', 'scheme authority path',
+           'russian text', 'relative reference resolution', 'comments in code',
+           'mock turtle', 'imports at the top', 'fragment identifier', 'hatter and hare',
+           'utf-8 default', 'query component', 'whitespace in expressions', 'cheshire cat']
+
+
+def _copy(folder, names=FILES[:4]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy2(CORPUS / 'text' / name, folder / name)
+    return folder
+
+
+def _run(src, out, *extra, check=True):
+    return ragbeam('run', '--input', src, '--output', out, *extra, check=check)
+
+
+def _report(out):
+    return json.loads((out / 'report.json').read_text())
+
+
+def _top_k(out):
+    return [sorted(h['chunk_id'] for h in json.loads(ragbeam('query', '--output', out, '--json', '-k',
+                                                      '5', q).stdout)) for q in QUERIES]
+
+
+def _chunk_rows(out):
+    from deltalake import DeltaTable
+    return DeltaTable(str(out / 'chunks')).to_pyarrow_table(
+        columns=['uri', 'chunk_id', 'text']).to_pylist()
+
+
+def _version(out):
+    from deltalake import DeltaTable
+    return DeltaTable(str(out / 'chunks')).version()
+
+
+@pytest.fixture
+def changed_corpus(tmp_path):
+    """A first run; then one object changed, one added, one deleted."""
+    src = _copy(tmp_path / 'src')
+    out = tmp_path / 'out'
+    _run(src, out)
+    with open(src / 'rfc3986.txt', 'a') as f:
+        f.write('\nAn appendix added after the first run, about fragment identifiers.\n')
+    shutil.copy2(CORPUS / 'text' / 'pep-0263.rst', src / 'pep-0263.rst')
+    (src / 'ru-koi8-r.txt').unlink()
+    return src, out
+
+
+def test_an_incremental_run_equals_a_fresh_run_on_the_final_state(changed_corpus, tmp_path):
+    src, out = changed_corpus
+    second = _run(src, out)
+    assert 'new 1, changed 1, retried 0, unchanged 2, deleted 1' in second.stdout
+    fresh = tmp_path / 'fresh'
+    _run(src, fresh)
+    check_output(out, '--input', src)
+    check_output(out, '--same-as', fresh)
+    report, other = _report(out), _report(fresh)
+    assert report['index']['count'] == other['index']['count'] == report['chunks']
+    assert report['index']['table_version'] == _version(out) == 1
+    assert _top_k(out) == _top_k(fresh)
+
+
+def test_an_incremental_run_reads_and_embeds_only_what_changed(changed_corpus):
+    src, out = changed_corpus
+    _run(src, out)
+    report = _report(out)
+    changed = [src / 'rfc3986.txt', src / 'pep-0263.rst']
+    assert 0 < report['bytes_read'] <= 1.2 * sum(p.stat().st_size for p in changed)
+    rows = _chunk_rows(out)
+    expected = sum(1 for r in rows if r['uri'] in {str(p) for p in changed})
+    assert report['chunks_embedded'] == expected
+    assert report['run']['chunks_removed'] > 0 and report['run']['objects_deleted'] == 1
+
+
+def test_a_rerun_of_an_unchanged_bucket_reads_and_commits_nothing(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    before = (_version(out), _report(out)['index'])
+    proc = _run(src, out)
+    report = _report(out)
+    assert report['bytes_read'] == 0 and report['chunks_embedded'] == 0
+    assert report['run']['committed'] is False and 'nothing to commit' in proc.stdout
+    assert (_version(out), report['index']) == before
+    check_output(out, '--input', src)
+
+
+def test_changing_the_chunk_size_rechunks_everything(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    _run(src, out, '--chunk-size', '500')
+    assert _report(out)['run']['objects_changed'] == 4
+    fresh = tmp_path / 'fresh'
+    _run(src, fresh, '--chunk-size', '500')
+    check_output(out, '--same-as', fresh)
+    check_output(out, '--input', src, '--chunk-size', '500')
+
+
+def test_too_many_deletes_delete_nothing(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    rows = _chunk_rows(out)
+    for name in FILES[1:4]:
+        (src / name).unlink()
+    proc = _run(src, out, check=False)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('ragbeam: error: this run would delete 3 of 4 committed objects')
+    assert _version(out) == 0 and _chunk_rows(out) == rows
+    # the user says so: the deletes go through
+    _run(src, out, '--max-delete-fraction', '1')
+    assert {r['uri'] for r in _chunk_rows(out)} == {str(src / FILES[0])}
+
+
+def test_an_emptied_input_folder_deletes_nothing(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    for name in FILES[:4]:
+        (src / name).unlink()
+    proc = _run(src, out, check=False)
+    assert proc.returncode == 2 and 'matches no files' in proc.stderr
+    assert _version(out) == 0 and len({r['uri'] for r in _chunk_rows(out)}) == 4
+
+
+def test_objects_outside_the_input_patterns_are_never_touched(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    _run(src / 'rfc3986.txt', out)  # a narrower pattern: nothing else is deleted
+    assert _report(out)['run']['objects_deleted'] == 0
+    assert len({r['uri'] for r in _chunk_rows(out)}) == 4
+
+
+def test_an_object_that_fails_keeps_its_old_rows_and_is_retried(tmp_path):
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    target = str(src / 'pep-0008.rst')
+    old = sorted(r['chunk_id'] for r in _chunk_rows(out) if r['uri'] == target)
+    (src / 'pep-0008.rst').write_bytes(bytes(range(256)) * 64)  # no text encoding fits
+    _run(src, out)
+    report = _report(out)
+    assert report['run']['objects_read_failed'] == 1
+    assert sorted(r['chunk_id'] for r in _chunk_rows(out) if r['uri'] == target) == old
+    again = _run(src, out)  # retried: read again, still failing, old rows still there
+    assert 'changed 1' in again.stdout and _report(out)['run']['objects_read_failed'] == 1
+    shutil.copy2(CORPUS / 'text' / 'pep-0008.rst', src / 'pep-0008.rst')
+    os.utime(src / 'pep-0008.rst')
+    _run(src, out)
+    check_output(out, '--input', src)
+
+
+@pytest.mark.parametrize('point', ['after-pipeline', 'before-chunks-commit', 'between-commits',
+                                   'before-index'])
+def test_a_crash_at_any_point_leaves_the_last_version_and_the_next_run_converges(
+        changed_corpus, tmp_path, point):
+    src, out = changed_corpus
+    before = _chunk_rows(out)
+    proc = subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
+                           '--output', str(out), '--embedder', 'hash'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, RAGBEAM_TEST_CRASH_AT=point))
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    if point in ('after-pipeline', 'before-chunks-commit'):
+        assert _version(out) == 0 and _chunk_rows(out) == before
+        hits = json.loads(ragbeam('query', '--output', out, '--json', 'percent encoding').stdout)
+        assert hits  # the old index still answers
+    _run(src, out)
+    fresh = tmp_path / 'fresh'
+    _run(src, fresh)
+    check_output(out, '--input', src)
+    check_output(out, '--same-as', fresh)
+    assert _report(out)['index']['count'] == _report(fresh)['index']['count']
+
+
+def test_a_commit_after_another_runs_commit_fails_and_changes_nothing(tmp_path):
+    """Optimistic concurrency: a run whose view of the table is stale cannot commit."""
+    from transforms.corpus import BackfillOptions, CommitError, Corpus, commit
+    from transforms.types import MANIFEST_SCHEMA, chunk_schema
+
+    src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
+    _run(src, out)
+    stale = Corpus(str(out))
+    (src / 'extra.txt').write_text('another object. ' * 100)
+    _run(src, out)  # the other run commits version 1
+    with pytest.raises(CommitError, match='another run committed'):
+        commit(stale, 'late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
+               {str(src / 'ru-koi8-r.txt'): 'deleted'}, BackfillOptions(), {})
+    assert _version(out) == 1
+
+
+def test_history_lists_the_commits(changed_corpus):
+    src, out = changed_corpus
+    _run(src, out)
+    rows = json.loads(ragbeam('history', '--output', out, '--json').stdout)
+    assert [r['version'] for r in rows] == [1, 0]
+    assert rows[0]['objects_new'] == 1 and rows[0]['objects_deleted'] == 1
+    assert rows[1]['objects_new'] == 4 and rows[0]['fingerprint'] == rows[1]['fingerprint']
+    text = ragbeam('history', '--output', out).stdout
+    assert text.splitlines()[0].split()[:3] == ['version', 'time', 'fingerprint']
+
+
+def test_duckdb_reads_the_committed_chunks_table(changed_corpus):
+    import duckdb
+    import duckdb_extension_delta
+
+    src, out = changed_corpus
+    _run(src, out)
+    extension = next(p for p in (os.path.dirname(duckdb_extension_delta.__file__),)
+                     for p in [os.path.join(root, f) for root, _, fs in os.walk(p) for f in fs
+                               if f.endswith('.duckdb_extension')])
+    con = duckdb.connect()
+    con.execute(f"LOAD '{extension}'")
+    count, = con.execute(f"SELECT count(*) FROM delta_scan('{out / 'chunks'}')").fetchone()
+    assert count == _report(out)['index']['count'] == len(_chunk_rows(out))

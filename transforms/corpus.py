@@ -1,0 +1,429 @@
+"""The committed corpus under --output: the Delta Lake tables chunks/ and manifest/, what
+changed since their last commit, and the one commit that publishes a run.
+
+- Workers write Parquet into run-scoped folders inside the tables (`chunks/run-<id>/`),
+  which no reader sees: Delta readers read only the files the log names.
+- The diff (`Diff`) joins the listing with the committed manifest on uri in Beam: only small
+  records cross that shuffle. An object is read when it is new, its version or the settings
+  fingerprint changed, or it failed before; deletes come only from a complete listing of an
+  input pattern's scope.
+- After the pipeline succeeded, the driver commits (`commit`): the staged files are added
+  zero-copy, the committed files that hold rows of replaced or deleted objects are rewritten
+  without them, and an object that failed contributes no rows (its earlier rows stay). The
+  chunks table is committed first, then the manifest; an intent file makes the pair roll
+  forward if the driver dies between the two.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import outputs
+from transforms.outputs import active_files, normal_uri as _normal
+from transforms.types import MANIFEST_SCHEMA, CommittedObject, ObjectRef, record
+
+_log = logging.getLogger(__name__)
+
+READ, UNCHANGED, DELETED = 'read', 'unchanged', 'deleted'
+RUN_PREFIX = 'run-'
+INTENT = '_ragbeam/pending.json'
+CRASH_ENV = 'RAGBEAM_TEST_CRASH_AT'  # tests: die (os._exit) at a named point of the commit
+
+
+class CommitError(OSError):
+    """The run's result cannot be committed: another run committed first, or too many deletes."""
+
+
+@dataclass(frozen=True)
+class BackfillOptions:
+    """How a run into a committed corpus decides what to redo."""
+    full: bool = field(default=False, metadata={
+        'flag': '--full',
+        'help': 're-read every object and replace the whole corpus, still in one commit'})
+    max_delete_fraction: float = field(default=0.5, metadata={
+        'flag': '--max-delete-fraction', 'metavar': 'SHARE',
+        'help': 'a run that would delete more than this share of the committed objects '
+                'deletes nothing and exits non-zero'})
+
+    def validate(self) -> None:
+        if not 0 <= self.max_delete_fraction <= 1:
+            raise ValueError('--max-delete-fraction must be between 0 and 1')
+
+
+def fingerprint(settings: dict) -> str:
+    """The settings fingerprint: what makes the same object give other chunks or vectors."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def crash_point(name: str) -> None:
+    """Dies here when the tests ask for it (RAGBEAM_TEST_CRASH_AT=name): a SIGKILL's effect."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
+
+
+# ---- the diff -----------------------------------------------------------------------------
+
+def scopes(patterns: Iterable[str]) -> list[str]:
+    """The input patterns as the listing's URIs spell them (local paths absolute)."""
+    return [p if '://' in p else os.path.abspath(os.path.expanduser(p)) for p in patterns]
+
+
+def in_scope(uri: str, patterns: Iterable[str]) -> bool:
+    """Whether a listing of `patterns` is complete for `uri`: the object lies under one of
+    the pattern folders, or matches one of the globs."""
+    for pattern in scopes(patterns):
+        if any(ch in pattern for ch in '*?['):
+            if fnmatch.fnmatchcase(uri, pattern) or fnmatch.fnmatchcase(
+                    uri, pattern.replace('**/', '*')):
+                return True
+        elif uri == pattern or uri.startswith(pattern.rstrip('/') + '/'):
+            return True
+    return False
+
+
+@record
+@dataclass(frozen=True)
+class Change:
+    """What the diff decided for one object: new, changed, retried, unchanged or deleted."""
+    uri: str
+    change: str
+
+
+class _Classify(beam.DoFn):
+    def __init__(self, fingerprint: str, patterns: list[str], full: bool):
+        self._fingerprint = fingerprint
+        self._patterns = patterns
+        self._full = full
+
+    def process(self, joined):
+        uri, groups = joined
+        listed, committed = list(groups['listed']), list(groups['committed'])
+        old = committed[0] if committed else None
+        if not listed:
+            if old is not None and in_scope(uri, self._patterns):
+                yield beam.pvalue.TaggedOutput(DELETED, Change(uri, 'deleted'))
+            return
+        ref = listed[0]
+        if old is None:
+            change = 'new'
+        elif old.status == 'failed':
+            change = 'retried'
+        elif self._full or old.version != ref.version or old.fingerprint != self._fingerprint:
+            change = 'changed'
+        else:
+            yield beam.pvalue.TaggedOutput(UNCHANGED, Change(uri, 'unchanged'))
+            return
+        yield beam.pvalue.TaggedOutput('changes', Change(uri, change))
+        yield uri, ref
+
+
+class Changes(NamedTuple):
+    """The diff's named outputs: the refs to read, and one Change per object (new, changed,
+    retried, unchanged or deleted)."""
+    read: beam.PCollection
+    changes: beam.PCollection
+
+
+class Diff(beam.PTransform):
+    """((uri, ObjectRef) listed, CommittedObjects) -> Changes, joined on uri."""
+
+    def __init__(self, fingerprint: str, patterns: list[str], full: bool):
+        super().__init__()
+        self._args = (fingerprint, patterns, full)
+
+    def expand(self, inputs):
+        listed, committed = inputs
+        joined = ({'listed': listed,
+                   'committed': committed | 'KeyCommitted' >> beam.Map(lambda c: (c.uri, c))}
+                  | 'Join' >> beam.CoGroupByKey())
+        out = joined | 'Classify' >> beam.ParDo(_Classify(*self._args)).with_output_types(
+            tuple[str, ObjectRef], changes=Change, unchanged=Change, deleted=Change
+        ).with_outputs('changes', UNCHANGED, DELETED, main=READ)
+        changes = ((out.changes, out[UNCHANGED], out[DELETED])
+                   | 'AllChanges' >> beam.Flatten().with_output_types(Change))
+        return Changes(out.read, changes)
+
+
+# ---- the tables ---------------------------------------------------------------------------
+
+class Corpus:
+    """The committed state of an output: its two Delta tables, when they exist."""
+
+    def __init__(self, output: str, storage_options: Optional[dict] = None):
+        self.output = output
+        self.chunks_path = outputs.path(output, 'chunks')
+        self.manifest_path = outputs.path(output, 'manifest')
+        self._options = storage_options or None
+        self.chunks = self._open(self.chunks_path)
+        self.manifest = self._open(self.manifest_path)
+
+    def _open(self, table: str):
+        from deltalake import DeltaTable
+        if DeltaTable.is_deltatable(table, storage_options=self._options):
+            return DeltaTable(table, storage_options=self._options)
+        return None
+
+    @property
+    def version(self) -> Optional[int]:
+        """The chunks table's version: what the index names."""
+        return None if self.chunks is None else self.chunks.version()
+
+    def committed_objects(self) -> list[CommittedObject]:
+        """The committed manifest as small records, for the diff."""
+        if self.manifest is None:
+            return []
+        table = self.manifest.to_pyarrow_table(
+            columns=['uri', 'version', 'status', 'fingerprint'])
+        return [CommittedObject(**row) for row in table.to_pylist()]
+
+    def manifest_rows(self) -> pa.Table:
+        if self.manifest is None:
+            return MANIFEST_SCHEMA.empty_table()
+        return self.manifest.to_pyarrow_table().select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+    def history(self) -> list[dict]:
+        """The corpus's commits, newest first: version, time and what the run recorded."""
+        if self.chunks is None:
+            return []
+        return self.chunks.history()
+
+
+# ---- the commit ---------------------------------------------------------------------------
+
+@dataclass
+class CommitResult:
+    """What one commit changed."""
+    version: Optional[int]
+    committed: bool
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    objects_deleted: int = 0
+    files_rewritten: int = 0
+    seconds: float = 0.0
+
+
+def new_run_id() -> str:
+    return time.strftime('%Y%m%dT%H%M%S') + '-' + uuid.uuid4().hex[:8]
+
+
+def staging(table_path: str, run_id: str) -> str:
+    """The run-scoped folder of a table where workers write what the commit adds."""
+    return outputs.path(table_path, RUN_PREFIX + run_id)
+
+
+def _rel(table_path: str, file_path: str) -> str:
+    return os.path.relpath(_normal(file_path), _normal(table_path))
+
+
+def _add_action(table_path: str, file_path: str, rows: int):
+    from deltalake.transaction import AddAction
+    size = FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
+    return AddAction(_rel(table_path, file_path), size, {}, int(time.time() * 1000), True,
+                     json.dumps({'numRecords': rows}))
+
+
+def _remove_action(table_path: str, file_path: str):
+    from deltalake.transaction import RemoveAction
+    return RemoveAction(_rel(table_path, file_path), True, int(time.time() * 1000))
+
+
+def _files(folder: str) -> list[str]:
+    found = FileSystems.match([outputs.path(folder, '*.parquet')])[0].metadata_list
+    return sorted(m.path for m in found)
+
+
+def _uris(file_path: str) -> pa.Array:
+    with FileSystems.open(file_path, compression_type='uncompressed') as f:
+        return pq.read_table(pa.BufferReader(f.read()), columns=['uri']).column('uri')
+
+
+def _without(file_path: str, drop: set[str], out_path: str) -> int:
+    """Writes the rows of `file_path` whose uri is not in `drop` to `out_path`; their count."""
+    import pyarrow.compute as pc
+    with FileSystems.open(file_path, compression_type='uncompressed') as f:
+        table = pq.read_table(pa.BufferReader(f.read()))
+    kept = table.filter(pc.invert(pc.is_in(table.column('uri'), value_set=pa.array(sorted(drop)))))
+    if kept.num_rows:
+        _write_parquet(kept, out_path)
+    return kept.num_rows
+
+
+def _write_parquet(table: pa.Table, out_path: str) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression='zstd')
+    with FileSystems.create(out_path) as f:
+        f.write(sink.getvalue().to_pybytes())
+
+
+def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schema,
+           staged_manifest: pa.Table, changes: dict[str, str], options: BackfillOptions,
+           summary: dict) -> CommitResult:
+    """Publishes a finished run: one commit of the chunks table, then one of the manifest.
+
+    `staged_manifest` holds the rows of the objects this run read; `changes` the diff's
+    decision per object. Raises CommitError and commits nothing when another run committed
+    since this one started, or when the deletes pass --max-delete-fraction.
+    """
+    from deltalake import CommitProperties, Schema
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import create_table_with_add_actions
+
+    started = time.time()
+    old = {r['uri']: r for r in corpus.manifest_rows().to_pylist()}
+    deleted = {u for u, c in changes.items() if c == 'deleted'}
+    if old and len(deleted) > options.max_delete_fraction * len(old):
+        raise CommitError(f'this run would delete {len(deleted)} of {len(old)} committed objects, '
+                          f'more than --max-delete-fraction {options.max_delete_fraction:g}: '
+                          'nothing was committed (check the --input patterns, or raise the limit)')
+    staged = {r['uri']: r for r in staged_manifest.to_pylist()}
+    failed = {u for u, r in staged.items() if r['status'] == 'failed'}
+    keep_old = {u for u in failed if u in old and old[u]['status'] == 'ok'}
+    replaced = ({u for u in staged if u in old} - keep_old) | deleted
+    if options.full:
+        replaced |= set(old) - keep_old
+    rows = dict(old)
+    for u in replaced | set(staged):
+        rows.pop(u, None)
+    for u, r in staged.items():
+        rows[u] = old[u] if u in keep_old else dict(r, fingerprint=fingerprint_value)
+    table_path = corpus.chunks_path
+    adds, removes, added_rows, removed_rows, rewritten = [], [], 0, 0, 0
+    folder = staging(table_path, run_id)
+    for n, path in enumerate(_files(folder)):
+        uris = set(_uris(path).to_pylist())
+        if uris & failed:  # a failed object contributes no rows
+            kept = outputs.path(folder, f'kept-{n:05d}.parquet')
+            count = _without(path, failed, kept)
+            FileSystems.delete([path])
+            if count:
+                adds.append(_add_action(table_path, kept, count))
+                added_rows += count
+        else:
+            count = pq.read_metadata(_local_or_buffer(path)).num_rows
+            if count:  # a reader that had nothing to write leaves an empty file
+                adds.append(_add_action(table_path, path, count))
+                added_rows += count
+    if corpus.chunks is None and not adds:  # a table with no rows still has its schema
+        empty = outputs.path(folder, 'empty.parquet')
+        _write_parquet(schema.empty_table(), empty)
+        adds.append(_add_action(table_path, empty, 0))
+    schema_changed = (corpus.chunks is not None and
+                      pa.schema(corpus.chunks.schema().to_arrow()).remove_metadata()
+                      != schema.remove_metadata())
+    if corpus.chunks is not None and (replaced or options.full or schema_changed):
+        for n, uri in enumerate(sorted(active_files(table_path, corpus._options) or ())):
+            uris = _uris(uri)
+            drop = set(uris.to_pylist()) & replaced
+            if not drop and not (options.full or schema_changed):
+                continue
+            removes.append(_remove_action(table_path, uri))
+            if options.full or schema_changed:
+                removed_rows += len(uris)
+                continue
+            rewritten += 1
+            out = outputs.path(folder, f'rewrite-{n:05d}.parquet')
+            count = _without(uri, drop, out)
+            removed_rows += len(uris) - count
+            if count:
+                adds.append(_add_action(table_path, out, count))
+    nothing = not adds and not removes and rows == old
+    meta = {'ragbeam_run': run_id, 'ragbeam_fingerprint': fingerprint_value,
+            'ragbeam_summary': json.dumps(summary, sort_keys=True)}
+    if nothing and corpus.chunks is not None:
+        _log.info('ragbeam: nothing changed; no commit')
+        return CommitResult(corpus.version, False, seconds=round(time.time() - started, 3))
+    manifest_table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r['uri']),
+                                          schema=MANIFEST_SCHEMA)
+    manifest_file = outputs.path(staging(corpus.manifest_path, run_id), 'manifest.parquet')
+    _write_parquet(manifest_table, manifest_file)
+    outputs.write_json(outputs.path(corpus.output, INTENT),
+                       {'run': run_id, 'manifest_file': manifest_file,
+                        'rows': manifest_table.num_rows, 'meta': meta})
+    crash_point('before-chunks-commit')
+    properties = CommitProperties(custom_metadata=meta, max_commit_retries=0)
+    try:
+        if corpus.chunks is None:
+            create_table_with_add_actions(table_path, Schema.from_arrow(schema), adds,
+                                          mode='error', storage_options=corpus._options,
+                                          commit_properties=properties)
+        else:
+            corpus.chunks.create_write_transaction(adds + removes, 'append' if not schema_changed
+                                                   else 'overwrite', schema,
+                                                   commit_properties=properties)
+    except CommitFailedError as e:
+        FileSystems.delete([outputs.path(corpus.output, INTENT)])
+        raise CommitError(f'another run committed to {corpus.output} while this one ran; '
+                          f'nothing was committed, run again ({e})')
+    crash_point('between-commits')
+    roll_forward(corpus.output, corpus._options)
+    version = Corpus(corpus.output, corpus._options).version
+    return CommitResult(version, True, added_rows, removed_rows, len(deleted), rewritten,
+                        round(time.time() - started, 3))
+
+
+def _local_or_buffer(path: str):
+    if outputs.is_local(path):
+        return path
+    with FileSystems.open(path, compression_type='uncompressed') as f:
+        return pa.BufferReader(f.read())
+
+
+def roll_forward(output: str, storage_options: Optional[dict] = None) -> None:
+    """Finishes a commit that a dead driver left half-done: when the chunks table holds the
+    intent's run, its manifest is committed now; otherwise the intent is dropped."""
+    from deltalake import CommitProperties, Schema
+    from deltalake.transaction import create_table_with_add_actions
+
+    intent_path = outputs.path(output, INTENT)
+    if not FileSystems.exists(intent_path):
+        return
+    intent = outputs.read_json(intent_path)
+    corpus = Corpus(output, storage_options)
+    last = corpus.chunks.history(1)[0] if corpus.chunks is not None else {}
+    if last.get('ragbeam_run') == intent['run']:
+        manifest = corpus.manifest
+        mine = manifest is not None and manifest.history(1)[0].get('ragbeam_run') == intent['run']
+        if not mine:
+            properties = CommitProperties(custom_metadata=intent['meta'])
+            add = _add_action(corpus.manifest_path, intent['manifest_file'], intent['rows'])
+            if manifest is None:
+                create_table_with_add_actions(corpus.manifest_path, Schema.from_arrow(
+                    MANIFEST_SCHEMA), [add], mode='error', storage_options=storage_options,
+                    commit_properties=properties)
+            else:
+                removes = [_remove_action(corpus.manifest_path, u)
+                           for u in active_files(corpus.manifest_path, storage_options)]
+                manifest.create_write_transaction([add] + removes, 'append', MANIFEST_SCHEMA,
+                                                  commit_properties=properties)
+    FileSystems.delete([intent_path])
+
+
+def clean_staging(output: str, storage_options: Optional[dict] = None) -> None:
+    """Deletes the run folders of both tables that no commit names: runs that died or
+    failed before their commit. Files of older versions stay (Delta's time travel; a
+    reader of an older version may be reading them): `DeltaTable.vacuum` removes those."""
+    import shutil
+    for table in ('chunks', 'manifest'):
+        table_path = outputs.path(output, table)
+        if not outputs.is_local(table_path) or not os.path.isdir(table_path):
+            continue
+        from deltalake import DeltaTable
+        committed = set()
+        if DeltaTable.is_deltatable(table_path, storage_options=storage_options):
+            committed = {h.get('ragbeam_run') for h in
+                         DeltaTable(table_path, storage_options=storage_options).history()}
+        for name in os.listdir(table_path):
+            if name.startswith(RUN_PREFIX) and name[len(RUN_PREFIX):] not in committed:
+                shutil.rmtree(os.path.join(table_path, name), ignore_errors=True)
