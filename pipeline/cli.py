@@ -112,8 +112,11 @@ def _index(args, beam_args: list[str]) -> int:
         raise UsageError('--index-type none builds nothing')
     config = _store(args)
     make_pipeline(beam_args, config)  # bad Beam flags fail here, before any work
+    from transforms.corpus import Corpus
+
+    version = Corpus(args.output, config.delta_storage_options(args.output)).version
     meta = build_index(args.output, options.type, config, options.memory_mb,
-                       lambda: make_pipeline(beam_args, config))
+                       lambda: make_pipeline(beam_args, config), table_version=version)
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 

@@ -171,6 +171,8 @@ class Corpus:
 
     def _open(self, table: str):
         from deltalake import DeltaTable
+        if table.startswith('gs://'):  # no corpus tables on GCS yet (outputs.prepare)
+            return None
         if DeltaTable.is_deltatable(table, storage_options=self._options):
             return DeltaTable(table, storage_options=self._options)
         return None
@@ -244,20 +246,42 @@ def _files(folder: str) -> list[str]:
     return sorted(m.path for m in found)
 
 
+def _parquet(file_path: str):
+    """A Parquet file opened for reading: the path itself when local, else Beam's seekable
+    stream, so that only the footer and the columns asked for are read."""
+    if outputs.is_local(file_path):
+        return pq.ParquetFile(file_path)
+    return pq.ParquetFile(FileSystems.open(file_path, compression_type='uncompressed'))
+
+
 def _uris(file_path: str) -> pa.Array:
-    with FileSystems.open(file_path, compression_type='uncompressed') as f:
-        return pq.read_table(pa.BufferReader(f.read()), columns=['uri']).column('uri')
+    """The uri column of a chunk file (the only column read)."""
+    return _parquet(file_path).read(columns=['uri']).column('uri')
 
 
 def _without(file_path: str, drop: set[str], out_path: str) -> int:
-    """Writes the rows of `file_path` whose uri is not in `drop` to `out_path`; their count."""
+    """Writes the rows of `file_path` whose uri is not in `drop` to `out_path`, one row group
+    at a time (memory stays that of a row group); returns their count."""
     import pyarrow.compute as pc
-    with FileSystems.open(file_path, compression_type='uncompressed') as f:
-        table = pq.read_table(pa.BufferReader(f.read()))
-    kept = table.filter(pc.invert(pc.is_in(table.column('uri'), value_set=pa.array(sorted(drop)))))
-    if kept.num_rows:
-        _write_parquet(kept, out_path)
-    return kept.num_rows
+    source = _parquet(file_path)
+    value_set = pa.array(sorted(drop))
+    kept, writer, sink = 0, None, None
+    try:
+        for group in range(source.num_row_groups):
+            table = source.read_row_group(group)
+            table = table.filter(pc.invert(pc.is_in(table.column('uri'), value_set=value_set)))
+            if not table.num_rows:
+                continue
+            if writer is None:
+                sink = FileSystems.create(out_path)
+                writer = pq.ParquetWriter(sink, source.schema_arrow, compression='zstd')
+            writer.write_table(table)
+            kept += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+            sink.close()
+    return kept
 
 
 def _write_parquet(table: pa.Table, out_path: str) -> None:
@@ -311,7 +335,7 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
                 adds.append(_add_action(table_path, kept, count))
                 added_rows += count
         else:
-            count = pq.read_metadata(_local_or_buffer(path)).num_rows
+            count = _parquet(path).metadata.num_rows
             if count:  # a reader that had nothing to write leaves an empty file
                 adds.append(_add_action(table_path, path, count))
                 added_rows += count
@@ -371,13 +395,6 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
     version = Corpus(corpus.output, corpus._options).version
     return CommitResult(version, True, added_rows, removed_rows, len(deleted), rewritten,
                         round(time.time() - started, 3))
-
-
-def _local_or_buffer(path: str):
-    if outputs.is_local(path):
-        return path
-    with FileSystems.open(path, compression_type='uncompressed') as f:
-        return pa.BufferReader(f.read())
 
 
 def roll_forward(output: str, storage_options: Optional[dict] = None) -> None:
