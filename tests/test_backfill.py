@@ -166,26 +166,33 @@ def test_an_object_that_fails_keeps_its_old_rows_and_is_retried(tmp_path):
     check_output(out, '--input', src)
 
 
-@pytest.mark.parametrize('point', ['before-chunks-commit', 'between-commits', 'before-index'])
-def test_a_crash_at_any_point_leaves_the_last_version_and_the_next_run_converges(
-        changed_corpus, tmp_path, point):
-    src, out = changed_corpus
-    before = _chunk_rows(out)
+def _crash(src, out, point):
     proc = subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
                            '--output', str(out), '--embedder', 'hash'], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, RAGBEAM_TEST_CRASH_AT=point))
     assert proc.returncode == 137, proc.stderr[-2000:]
-    if point == 'before-chunks-commit':
-        assert _version(out) == 0 and _chunk_rows(out) == before
-        hits = json.loads(ragbeam('query', '--output', out, '--json', 'percent encoding').stdout)
-        assert hits  # the old index still answers
+
+
+def test_a_crash_at_any_point_leaves_the_last_version_and_the_next_run_converges(
+        changed_corpus, tmp_path):
+    """Killed before the chunks commit, then between the two commits, then before the index
+    update: readers keep the last version until a commit, and the next run converges."""
+    src, out = changed_corpus
+    before = _chunk_rows(out)
+    _crash(src, out, 'before-chunks-commit')
+    assert _version(out) == 0 and _chunk_rows(out) == before
+    assert json.loads(ragbeam('query', '--output', out, '--json', 'percent encoding').stdout)
+    _crash(src, out, 'between-commits')  # chunks committed, manifest not yet
+    assert _version(out) == 1
+    _crash(src, out, 'before-index')  # finishes the manifest commit first, then dies
     _run(src, out)
     fresh = tmp_path / 'fresh'
     _run(src, fresh)
     check_output(out, '--input', src)
     check_output(out, '--same-as', fresh)
     assert _report(out)['index']['count'] == _report(fresh)['index']['count']
+    assert _report(out)['index']['table_version'] == _version(out)
 
 
 def test_a_commit_after_another_runs_commit_fails_and_changes_nothing(tmp_path):
