@@ -235,3 +235,13 @@ def test_duckdb_reads_the_committed_chunks_table(changed_corpus):
     con.execute(f"LOAD '{extension}'")
     count, = con.execute(f"SELECT count(*) FROM delta_scan('{out / 'chunks'}')").fetchone()
     assert count == _report(out)['index']['count'] == len(_chunk_rows(out))
+
+
+def test_deletes_are_scoped_as_the_listing_matches():
+    """A glob's `*` stays within one path segment, as in the listing: an object below it was
+    never listed by it, so it is never deleted by its absence."""
+    from transforms.corpus import scope_matcher
+
+    in_scope = scope_matcher(['/d/*.txt', 's3://b/p'])
+    assert in_scope('/d/a.txt') and in_scope('s3://b/p/x/y.pdf') and in_scope('s3://b/p')
+    assert not in_scope('/d/sub/a.txt') and not in_scope('s3://b/pq/x')

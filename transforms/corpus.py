@@ -15,7 +15,6 @@ changed since their last commit, and the one commit that publishes a run.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -32,6 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import outputs
 from transforms.outputs import active_files, normal_uri as _normal
+from transforms.store import glob_to_prefix
 from transforms.types import MANIFEST_SCHEMA, CommittedObject, ObjectRef, record
 
 _log = logging.getLogger(__name__)
@@ -80,17 +80,11 @@ def scopes(patterns: Iterable[str]) -> list[str]:
     return [p if '://' in p else os.path.abspath(os.path.expanduser(p)) for p in patterns]
 
 
-def in_scope(uri: str, patterns: Iterable[str]) -> bool:
-    """Whether a listing of `patterns` is complete for `uri`: the object lies under one of
-    the pattern folders, or matches one of the globs."""
-    for pattern in scopes(patterns):
-        if any(ch in pattern for ch in '*?['):
-            if fnmatch.fnmatchcase(uri, pattern) or fnmatch.fnmatchcase(
-                    uri, pattern.replace('**/', '*')):
-                return True
-        elif uri == pattern or uri.startswith(pattern.rstrip('/') + '/'):
-            return True
-    return False
+def scope_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a listing of `patterns` is complete for a URI: the listing's own matching
+    (store.glob_to_prefix), so an object the listing could never return is never deleted."""
+    matchers = [glob_to_prefix(p)[1] for p in scopes(patterns)]
+    return lambda uri: any(m(uri) for m in matchers)
 
 
 @record
@@ -106,13 +100,17 @@ class _Classify(beam.DoFn):
         self._fingerprint = fingerprint
         self._patterns = patterns
         self._full = full
+        self._in_scope = None
+
+    def setup(self) -> None:
+        self._in_scope = scope_matcher(self._patterns)
 
     def process(self, joined):
         uri, groups = joined
         listed, committed = list(groups['listed']), list(groups['committed'])
         old = committed[0] if committed else None
         if not listed:
-            if old is not None and in_scope(uri, self._patterns):
+            if old is not None and self._in_scope(uri):
                 yield beam.pvalue.TaggedOutput(DELETED, Change(uri, 'deleted'))
             return
         ref = listed[0]
@@ -315,8 +313,6 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
     failed = {u for u, r in staged.items() if r['status'] == 'failed'}
     keep_old = {u for u in failed if u in old and old[u]['status'] == 'ok'}
     replaced = ({u for u in staged if u in old} - keep_old) | deleted
-    if options.full:
-        replaced |= set(old) - keep_old
     rows = dict(old)
     for u in replaced | set(staged):
         rows.pop(u, None)
@@ -346,14 +342,14 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
     schema_changed = (corpus.chunks is not None and
                       pa.schema(corpus.chunks.schema().to_arrow()).remove_metadata()
                       != schema.remove_metadata())
-    if corpus.chunks is not None and (replaced or options.full or schema_changed):
+    if corpus.chunks is not None and (replaced or schema_changed):
         for n, uri in enumerate(sorted(active_files(table_path, corpus._options) or ())):
             uris = _uris(uri)
             drop = set(uris.to_pylist()) & replaced
-            if not drop and not (options.full or schema_changed):
+            if not drop and not schema_changed:
                 continue
             removes.append(_remove_action(table_path, uri))
-            if options.full or schema_changed:
+            if schema_changed:  # no row of the old schema can stay
                 removed_rows += len(uris)
                 continue
             rewritten += 1
