@@ -170,6 +170,7 @@ def run(opts: RunOptions) -> dict | None:
     report = reporting.summarise(opts, index_meta, found['counters'],
                                  wall_seconds=time.time() - started,
                                  peak_rss_mb=monitor.peak_mb,
+                                 peak_anon_mb=monitor.peak_anon_mb,
                                  stages=reporting.stages(found), rss_series=monitor.series,
                                  run=dict(summary, table_version=done.version,
                                           committed=done.committed,

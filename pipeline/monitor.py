@@ -17,7 +17,7 @@ from typing import Optional
 
 import psutil
 
-from transforms.monitor import PROGRESS_ENV, read_progress
+from transforms.monitor import PROGRESS_ENV, anon_mb, read_progress
 
 SAMPLE_SECONDS = 1.0
 PROGRESS_LOG_SECONDS = 10.0
@@ -26,15 +26,17 @@ MAX_SERIES = 7200  # past two hours at 1 s, the series is thinned to every other
 _log = logging.getLogger(__name__)
 
 
-def tree_rss_mb(root: psutil.Process) -> float:
-    """Summed resident memory of a process and all its descendants, in MB."""
-    total = 0
+def tree_memory_mb(root: psutil.Process) -> tuple[float, float]:
+    """Summed resident memory of a process and all its descendants, and its anonymous part
+    (transforms.monitor.anon_mb), in MB."""
+    rss = anon = 0.0
     for p in [root] + root.children(recursive=True):
         try:
-            total += p.memory_info().rss
+            rss += p.memory_info().rss / 2**20
         except psutil.Error:
             continue
-    return total / 2**20
+        anon += anon_mb(p.pid)
+    return rss, anon
 
 
 def progress_line(counts: dict, elapsed: float) -> str:
@@ -51,7 +53,8 @@ def progress_line(counts: dict, elapsed: float) -> str:
 
 class RunMonitor:
     """Context manager around a pipeline run: `series` holds [seconds, tree RSS MB, bytes read,
-    chunks written] each second, `peak_mb` the largest tree RSS seen."""
+    chunks written] each second, `peak_mb` the largest tree RSS seen and `peak_anon_mb` the
+    largest anonymous part of it."""
 
     def __init__(self, stream=None, sample_seconds: float = SAMPLE_SECONDS):
         self._stream = stream or sys.stderr
@@ -61,6 +64,7 @@ class RunMonitor:
         self._root = psutil.Process()
         self.series: list[list[float]] = []
         self.peak_mb = 0.0
+        self.peak_anon_mb = 0.0
         self._folder: Optional[str] = None
         self._saved_env: Optional[str] = None
 
@@ -101,8 +105,9 @@ class RunMonitor:
 
     def _sample(self) -> dict:
         counts = read_progress(self._folder)
-        rss = tree_rss_mb(self._root)
+        rss, anon = tree_memory_mb(self._root)
         self.peak_mb = max(self.peak_mb, rss)
+        self.peak_anon_mb = max(self.peak_anon_mb, anon)
         self.series.append([round(time.monotonic() - self._started, 1), round(rss, 1),
                             counts.get('bytes_read', 0), counts.get('chunks_written', 0)])
         if len(self.series) > MAX_SERIES:

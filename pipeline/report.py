@@ -39,7 +39,7 @@ def run_counts(changes: dict[str, str], staged) -> dict:
 def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
               wall_seconds: float, peak_rss_mb: float, stages: Optional[dict] = None,
               rss_series: Optional[list] = None, run: Optional[dict] = None,
-              staged=None) -> dict:
+              staged=None, peak_anon_mb: float = 0.0) -> dict:
     """The run summary (README, "Output layout"): the committed corpus's objects from its
     manifest table; bytes read and the diff's counts from this run (`staged`: the manifest
     rows of the objects it read; `run`: the diff and the commit)."""
@@ -69,6 +69,7 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
         'counters': counters,
         'wall_seconds': round(wall_seconds, 2),
         'peak_rss_mb': round(peak_rss_mb, 1),
+        'peak_anon_mb': round(peak_anon_mb, 1),
         'stages': stages or {},
         'rss_series': rss_series or [],
         'options': opts.summary(),
@@ -89,7 +90,8 @@ def one_line(report: dict) -> str:
             f"{report['objects_failed']} failed, {report['objects_skipped']} skipped; "
             f"{report['chunks']} chunks ({run.get('chunks_added', 0)} added, "
             f"{run.get('chunks_removed', 0)} removed) from {report['bytes_read']} bytes read in "
-            f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mb']} MB"
+            f"{report['wall_seconds']} s, peak RSS {report['peak_rss_mb']} MB "
+            f"({report.get('peak_anon_mb', 0)} MB anonymous)"
             + (f'; {commit}' if run else ''))
 
 
@@ -104,7 +106,8 @@ def table(report: dict) -> str:
             ('chunks', f"{report['chunks']:,}"),
             ('embedder', str(report.get('embedder', ''))),
             ('wall time', f"{report['wall_seconds']:.1f} s"),
-            ('peak RSS (process tree)', f"{report['peak_rss_mb']:.0f} MB")]
+            ('peak RSS (process tree)', f"{report['peak_rss_mb']:.0f} MB"),
+            ('  anonymous (less library pages)', f"{report.get('peak_anon_mb', 0):.0f} MB")]
     for reason, count in sorted(report.get('failure_reasons', {}).items(),
                                 key=lambda kv: (-kv[1], kv[0])):
         rows.append((f'  not ok: {reason}', f'{count:,}'))

@@ -82,7 +82,8 @@ def measured_run(what: str, out: Path, *args: str):
     m = run_measured([sys.executable, '-m', 'pipeline', 'run', *map(str, args), '--output',
                       str(out)], cwd=ROOT)
     assert m.returncode == 0, m.output[-3000:]
-    print(f'\n{what}: peak RSS {m.peak_rss_mb:.0f} MB, {m.wall_seconds:.1f} s')
+    print(f'\n{what}: peak RSS {m.peak_rss_mb:.0f} MB ({m.peak_anon_mb:.0f} MB anonymous), '
+          f'{m.wall_seconds:.1f} s')
     return m
 
 

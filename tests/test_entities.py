@@ -33,7 +33,9 @@ def test_entity_offsets_are_exact(entities_run):
     found = [(r, e) for r in rows for e in r['entities']]
     assert len(found) > 1000 and all(r['entities'] is not None for r in rows)
     assert all(r['text'][e['start']:e['end']] == e['text'] for r, e in found)
-    assert m.peak_rss_mb < 512  # reported above; the model and its batches, in the worker
+    # the model and its batches, in the worker (seen: 306 MB; RSS 418-513 MB with the library
+    # pages, more just after an install: see bench.measure)
+    assert m.peak_anon_mb < 400
 
 
 def test_chunk_ids_do_not_change_with_entities(entities_run, text_run):

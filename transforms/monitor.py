@@ -57,6 +57,18 @@ def rss_mb(pid: int | str = 'self') -> float:
         return 0.0
 
 
+def anon_mb(pid: int | str = 'self') -> float:
+    """The anonymous part of a process's resident memory (RssAnon + RssShmem), in MB: RSS
+    less the pages of mapped files (shared libraries), which are clean, reclaimable, and as
+    many as the page cache happens to hold; 0 when /proc does not tell."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            return sum(int(line.split()[1]) for line in f
+                       if line.startswith(('RssAnon:', 'RssShmem:'))) / 1024
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 _WARNED: set[str] = set()
 _WARNED_LOCK = threading.Lock()
 

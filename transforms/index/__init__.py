@@ -12,9 +12,21 @@ inverted lists and its re-rank codes, sorted by id64. Last, the driver merges th
 one on-disk file (`merge_ondisk`). Files under DIR/index: index.json, faiss.index, and for
 ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer), rerank-NNNNN.{ids,sq8}.npy.
 """
-from transforms.index.build import build_index
+import importlib
+
 from transforms.index.plan import IndexOptions, MissingChunksError, choose_type
-from transforms.index.search import Searcher, parse_entity, query
+
+# FAISS (40 MB) loads with the first use of these, not with the options: a run imports it
+# only for its index step, after the pipeline
+_LAZY = {'build_index': 'build', 'Searcher': 'search', 'parse_entity': 'search',
+         'query': 'search'}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f'transforms.index.{_LAZY[name]}'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = ['IndexOptions', 'MissingChunksError', 'Searcher', 'build_index', 'choose_type',
            'parse_entity', 'query']
