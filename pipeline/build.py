@@ -64,8 +64,7 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
     out = opts.output
     listed = p | 'List' >> ListObjects(opts.inputs, opts.store)
     committed = p | 'Committed' >> beam.Create(plan.committed).with_output_types(CommittedObject)
-    diff = (listed, committed) | 'Diff' >> Diff(plan.fingerprint, opts.inputs,
-                                                opts.backfill.full)
+    diff = (listed, committed) | 'Diff' >> Diff(plan.fingerprint, opts.inputs, opts.backfill)
     routes = diff.read | 'Route' >> Route(opts.route)
     watch = opts.monitor
     text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store,
@@ -132,6 +131,13 @@ def run(opts: RunOptions) -> dict | None:
     committed = corpus.Corpus(opts.output, storage)
     plan = RunPlan(corpus.new_run_id(), corpus.fingerprint(settings(opts)),
                    committed.committed_objects())
+    if opts.backfill.windowed:
+        stale = sum(1 for c in plan.committed if c.fingerprint != plan.fingerprint)
+        if stale:
+            raise UsageError(f'{stale} committed objects were made with other settings (chunker, '
+                             'embedder, PDF engine, OCR or entities): a --modified-since/'
+                             '--modified-before run would leave a mix of old and new settings; '
+                             'run without them to redo every object')
     build(p, opts, plan)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run

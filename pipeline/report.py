@@ -23,7 +23,7 @@ def stages(found: dict) -> dict:
     return result
 
 
-CHANGES = ('new', 'changed', 'retried', 'unchanged', 'deleted')
+CHANGES = ('new', 'changed', 'retried', 'unchanged', 'deleted', 'outside')
 
 
 def run_counts(changes: dict[str, str], staged) -> dict:
@@ -83,7 +83,9 @@ def one_line(report: dict) -> str:
     if run:
         diff = (f" (new {run.get('objects_new', 0)}, changed {run.get('objects_changed', 0)}, "
                 f"retried {run.get('objects_retried', 0)}, unchanged "
-                f"{run.get('objects_unchanged', 0)}, deleted {run.get('objects_deleted', 0)})")
+                f"{run.get('objects_unchanged', 0)}, deleted {run.get('objects_deleted', 0)}"
+                + (f", outside the window {run['objects_outside']}"
+                   if run.get('objects_outside') else '') + ')')
         commit = (f"table version {run.get('table_version')}" if run.get('committed')
                   else f"nothing to commit, table version {run.get('table_version')}")
     return (f"ragbeam: {report['objects_listed']} objects{diff}: {report['objects_ok']} ok, "

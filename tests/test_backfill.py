@@ -245,3 +245,37 @@ def test_deletes_are_scoped_as_the_listing_matches():
     in_scope = scope_matcher(['/d/*.txt', 's3://b/p'])
     assert in_scope('/d/a.txt') and in_scope('s3://b/p/x/y.pdf') and in_scope('s3://b/p')
     assert not in_scope('/d/sub/a.txt') and not in_scope('s3://b/pq/x')
+
+
+def test_a_date_range_backfill_rereads_only_its_window_and_deletes_nothing(tmp_path):
+    src = _copy(tmp_path / 'src')
+    out = tmp_path / 'out'
+    old, recent = 1_700_000_000, 1_790_000_000  # 2023-11-14 and 2026-09-21, UTC
+    for name in FILES[:4]:
+        os.utime(src / name, (old, old))
+    _run(src, out)
+    before = {r['chunk_id'] for r in _chunk_rows(out) if r['uri'].endswith('pep-0008.rst')}
+    for name, when in (('rfc3986.txt', recent), ('pep-0008.rst', old + 60)):
+        with open(src / name, 'a') as f:
+            f.write('\nA paragraph added after the first run.\n')
+        os.utime(src / name, (when, when))
+    shutil.copy2(CORPUS / 'text' / 'pep-0263.rst', src / 'pep-0263.rst')
+    os.utime(src / 'pep-0263.rst', (old, old))  # new, but outside the window: not read
+    (src / 'ru-koi8-r.txt').unlink()  # a windowed run never deletes
+    second = _run(src, out, '--modified-since', '2026-01-01')
+    assert ('new 0, changed 1, retried 0, unchanged 2, deleted 0, outside the window 1'
+            in second.stdout), second.stdout
+    report = _report(out)
+    assert report['bytes_read'] == (src / 'rfc3986.txt').stat().st_size
+    uris = {os.path.basename(r['uri']) for r in _chunk_rows(out)}
+    assert uris == {'rfc3986.txt', 'pep-0008.rst', 'alice29-crlf.txt', 'ru-koi8-r.txt'}
+    # pep-0008 changed outside the window: its committed rows stay as they were
+    assert {r['chunk_id'] for r in _chunk_rows(out)
+            if r['uri'].endswith('pep-0008.rst')} == before
+    # the window's other end, and settings that changed: a windowed run would mix them
+    third = _run(src, out, '--modified-before', '2023-11-15T00:00:00Z')
+    assert 'new 1, changed 1' in third.stdout and 'deleted 0' in third.stdout
+    mixed = _run(src, out, '--modified-since', '2026-01-01', '--chunk-size', '700', check=False)
+    assert mixed.returncode == 2 and 'mix of old and new settings' in mixed.stderr
+    bad = _run(src, out, '--modified-since', 'last tuesday', check=False)
+    assert bad.returncode == 2 and 'expected an ISO date' in bad.stderr

@@ -56,10 +56,57 @@ class BackfillOptions:
         'flag': '--max-delete-fraction', 'metavar': 'SHARE',
         'help': 'a run that would delete more than this share of the committed objects '
                 'deletes nothing and exits non-zero'})
+    modified_since: str = field(default='', metadata={
+        'flag': '--modified-since', 'metavar': 'ISO_TIME', 'default_text': 'none',
+        'help': 're-read only objects last modified at or after this time (2026-11-30, or '
+                '2026-11-30T02:00; UTC unless it names a zone); such a run deletes nothing'})
+    modified_before: str = field(default='', metadata={
+        'flag': '--modified-before', 'metavar': 'ISO_TIME', 'default_text': 'none',
+        'help': 're-read only objects last modified before this time; deletes nothing'})
 
     def validate(self) -> None:
         if not 0 <= self.max_delete_fraction <= 1:
             raise ValueError('--max-delete-fraction must be between 0 and 1')
+        since, before = self.window()
+        if self.full and (self.modified_since or self.modified_before):
+            raise ValueError('--full re-reads every object: it does not go with '
+                             '--modified-since or --modified-before')
+        if since is not None and before is not None and since >= before:
+            raise ValueError(f'--modified-since {self.modified_since} is not before '
+                             f'--modified-before {self.modified_before}')
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the run re-reads only a window of last-modified times (and deletes nothing)."""
+        return bool(self.modified_since or self.modified_before)
+
+    def window(self) -> tuple[Optional[float], Optional[float]]:
+        """[since, before) as seconds since the epoch; None for an open end."""
+        return (_epoch('--modified-since', self.modified_since),
+                _epoch('--modified-before', self.modified_before))
+
+
+def _epoch(flag: str, text: str) -> Optional[float]:
+    """An ISO date or time as seconds since the epoch; UTC unless it names a zone."""
+    if not text:
+        return None
+    from datetime import datetime, timezone
+    try:
+        moment = datetime.fromisoformat(text.strip().replace('Z', '+00:00'))
+    except ValueError:
+        raise ValueError(f'{flag} {text!r}: expected an ISO date or time, for example '
+                         '2026-11-30 or 2026-11-30T02:00:00+01:00') from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def in_window(modified: float, window: tuple[Optional[float], Optional[float]]) -> bool:
+    """Whether a last-modified time is in [since, before); an unknown time (0) always is."""
+    since, before = window
+    if not modified:
+        return True
+    return (since is None or modified >= since) and (before is None or modified < before)
 
 
 def fingerprint(settings: dict) -> str:
@@ -90,16 +137,18 @@ def scope_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
 @record
 @dataclass(frozen=True)
 class Change:
-    """What the diff decided for one object: new, changed, retried, unchanged or deleted."""
+    """What the diff decided for one object: new, changed, retried, unchanged, deleted, or
+    outside (listed, not committed, and outside the run's last-modified window)."""
     uri: str
     change: str
 
 
 class _Classify(beam.DoFn):
-    def __init__(self, fingerprint: str, patterns: list[str], full: bool):
+    def __init__(self, fingerprint: str, patterns: list[str], options: 'BackfillOptions'):
         self._fingerprint = fingerprint
         self._patterns = patterns
-        self._full = full
+        self._full = options.full
+        self._window = options.window() if options.windowed else None
         self._in_scope = None
 
     def setup(self) -> None:
@@ -110,10 +159,15 @@ class _Classify(beam.DoFn):
         listed, committed = list(groups['listed']), list(groups['committed'])
         old = committed[0] if committed else None
         if not listed:
-            if old is not None and self._in_scope(uri):
+            if old is not None and self._window is None and self._in_scope(uri):
                 yield beam.pvalue.TaggedOutput(DELETED, Change(uri, 'deleted'))
             return
         ref = listed[0]
+        outside = self._window is not None and not in_window(ref.modified, self._window)
+        if outside and (old is None or old.status != 'failed'):  # failures are always retried
+            change = 'unchanged' if old is not None else 'outside'
+            yield beam.pvalue.TaggedOutput(UNCHANGED, Change(uri, change))
+            return
         if old is None:
             change = 'new'
         elif old.status == 'failed':
@@ -135,11 +189,16 @@ class Changes(NamedTuple):
 
 
 class Diff(beam.PTransform):
-    """((uri, ObjectRef) listed, CommittedObjects) -> Changes, joined on uri."""
+    """((uri, ObjectRef) listed, CommittedObjects) -> Changes, joined on uri.
 
-    def __init__(self, fingerprint: str, patterns: list[str], full: bool):
+    With a --modified-since/--modified-before window, a listed object outside it is not read
+    (unchanged when committed, `outside` when not) unless it failed before, and nothing is
+    deleted.
+    """
+
+    def __init__(self, fingerprint: str, patterns: list[str], options: 'BackfillOptions'):
         super().__init__()
-        self._args = (fingerprint, patterns, full)
+        self._args = (fingerprint, patterns, options)
 
     def expand(self, inputs):
         listed, committed = inputs

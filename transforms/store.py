@@ -133,7 +133,8 @@ class Store:
 
     def ref(self, meta: FileMetadata) -> ObjectRef:
         return ObjectRef(meta.path, meta.size_in_bytes,
-                         f'{meta.size_in_bytes}-{int(meta.last_updated_in_seconds * 1e6)}')
+                         f'{meta.size_in_bytes}-{int(meta.last_updated_in_seconds * 1e6)}',
+                         meta.last_updated_in_seconds or 0.0)
 
     def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes [start, end) of the listed version (fewer only at the object's end)."""
@@ -147,7 +148,8 @@ class LocalStore(Store):
 
     def ref(self, meta: FileMetadata) -> ObjectRef:
         path = os.path.abspath(meta.path)
-        return ObjectRef(path, meta.size_in_bytes, _local_version(os.stat(path)))
+        st = os.stat(path)
+        return ObjectRef(path, meta.size_in_bytes, _local_version(st), st.st_mtime)
 
     def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
         try:
@@ -184,9 +186,9 @@ class BucketStore(Store):
         while True:
             objects, token = retrying(self._config, f'list {pattern}',
                                       lambda: self._page(pattern, bucket, prefix, token))
-            for key, size, version in objects:
+            for key, size, version, modified in objects:
                 if matches(key) and not key.endswith('/'):
-                    yield ObjectRef(f'{self.scheme}://{bucket}/{key}', size, version)
+                    yield ObjectRef(f'{self.scheme}://{bucket}/{key}', size, version, modified)
             if not token:
                 return
 
@@ -207,7 +209,8 @@ class BucketStore(Store):
 
     def _page(self, pattern: str, bucket: str, prefix: str, token: Optional[str]
               ) -> tuple[list[tuple[str, int, str]], Optional[str]]:
-        """One page of (key, size, version) under prefix, and the next page's token."""
+        """One page of (key, size, version, last-modified seconds) under prefix, and the next
+        page's token."""
         raise NotImplementedError
 
     def _get(self, ref: ObjectRef, bucket: str, key: str, first: int, last: int) -> bytes:
@@ -238,7 +241,8 @@ class S3Store(BucketStore):
         if token:
             kwargs['ContinuationToken'] = token
         page = self._call(pattern, self._client.list_objects_v2, **kwargs)
-        objects = [(o['Key'], o['Size'], o['ETag'].strip('"')) for o in page.get('Contents', ())]
+        objects = [(o['Key'], o['Size'], o['ETag'].strip('"'), o['LastModified'].timestamp())
+                   for o in page.get('Contents', ())]
         return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
     def _get(self, ref, bucket, key, first, last):
@@ -288,7 +292,8 @@ class GCSStore(BucketStore):
         def page():
             listing = self._client.list_blobs(bucket, prefix=prefix, page_size=1000,
                                               page_token=token, retry=None)
-            blobs = [(b.name, b.size, str(b.generation)) for b in next(listing.pages, ())]
+            blobs = [(b.name, b.size, str(b.generation), b.updated.timestamp() if b.updated else 0.0)
+                     for b in next(listing.pages, ())]
             return blobs, listing.next_page_token
         return self._call(pattern, page)
 

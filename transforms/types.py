@@ -36,6 +36,7 @@ class ObjectRef:
     uri: str
     size: int
     version: str
+    modified: float = 0.0  # last-modified time, seconds since the epoch (0: not known)
 
 
 @record
