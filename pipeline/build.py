@@ -229,7 +229,7 @@ def _update_index(opts: RunOptions, version: int | None) -> dict | None:
             return meta
     return index.build_index(opts.output, opts.index.type, opts.store, opts.index.memory_mb,
                              lambda: make_pipeline(opts.beam_args, opts.store),
-                             table_version=version)
+                             table_version=version, keep_versions=opts.index.versions)
 
 
 def metrics(result) -> dict[str, dict]:

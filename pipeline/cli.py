@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument('--entity', metavar='LABEL:TEXT', default=None,
                        help='only chunks that mention this named entity (runs with --entities '
                             'spacy), e.g. PERSON:Ada Lovelace, GPE:Paris')
+    query.add_argument('--as-of', type=int, metavar='VERSION', default=None,
+                       help='search the index of an older table version (ragbeam history '
+                            'lists them), if it is still kept')
     query.add_argument('text', nargs='+', metavar='TEXT')
     add_flags(query, StoreConfig)
 
@@ -116,14 +119,13 @@ def _index(args, beam_args: list[str]) -> int:
 
     version = Corpus(args.output, config.delta_storage_options(args.output)).version
     meta = build_index(args.output, options.type, config, options.memory_mb,
-                       lambda: make_pipeline(beam_args, config), table_version=version)
+                       lambda: make_pipeline(beam_args, config), table_version=version,
+                       keep_versions=options.versions)
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 
 
 def _query(args) -> int:
-    from apache_beam.io.filesystems import FileSystems
-
     from transforms import index
     from transforms.embed import embedder_for_model
 
@@ -132,14 +134,15 @@ def _query(args) -> int:
         entity = index.parse_entity(args.entity) if args.entity else None
     except ValueError as e:
         raise UsageError(str(e))
-    meta_path = outputs.path(args.output, 'index', 'index.json')
-    if not FileSystems.exists(meta_path):
-        raise UsageError(f'no index in {args.output} (run `ragbeam run` or `ragbeam index` first)')
-    meta = outputs.read_json(meta_path)
+    try:
+        meta = index.index_meta(args.output, args.as_of)
+    except index.NoIndexError as e:
+        raise UsageError(str(e))
     text = ' '.join(args.text)
     vector = embedder_for_model(meta['model']).embed([text])[0]
     try:
-        results = index.query(args.output, vector, args.k, args.uri_prefix, config, entity)
+        results = index.query(args.output, vector, args.k, args.uri_prefix, config, entity,
+                              meta.get('table_version'))
     except ValueError as e:  # e.g. --entity on an output without entities
         raise UsageError(str(e))
     if args.json:

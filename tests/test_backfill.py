@@ -47,6 +47,12 @@ def _chunk_rows(out):
         columns=['uri', 'chunk_id', 'text']).to_pylist()
 
 
+def _chunk_rows_at(out, version):
+    from deltalake import DeltaTable
+    return DeltaTable(str(out / 'chunks'), version=version).to_pyarrow_table(
+        columns=['uri', 'chunk_id']).to_pylist()
+
+
 def _version(out):
     from deltalake import DeltaTable
     return DeltaTable(str(out / 'chunks')).version()
@@ -77,6 +83,19 @@ def test_an_incremental_run_equals_a_fresh_run_on_the_final_state(changed_corpus
     assert report['index']['count'] == other['index']['count'] == report['chunks']
     assert report['index']['table_version'] == _version(out) == 1
     assert _top_k(out) == _top_k(fresh)
+    # the first version's index is kept: queries --as-of 0 search it, and read its rows
+    first = {r['chunk_id'] for r in _chunk_rows_at(out, 0)}
+    for q in QUERIES[:5]:
+        old = json.loads(ragbeam('query', '--output', out, '--json', '--as-of', '0', q).stdout)
+        assert old and {h['chunk_id'] for h in old} <= first
+    deleted = str(src / 'ru-koi8-r.txt')
+    for as_of, found in (([], False), (['--as-of', '0'], True)):  # deleted in version 1
+        hits = json.loads(ragbeam('query', '--output', out, '--json', '--uri-prefix', deleted,
+                                  *as_of, 'text').stdout)
+        assert bool(hits) == found
+    gone = ragbeam('query', '--output', out, '--as-of', '7', 'percent', check=False)
+    assert gone.returncode == 2 and 'no index of table version 7 is kept' in gone.stderr
+    assert 'kept: 0, 1' in gone.stderr
 
 
 def test_an_incremental_run_reads_and_embeds_only_what_changed(changed_corpus):
@@ -106,8 +125,9 @@ def test_a_rerun_of_an_unchanged_bucket_reads_and_commits_nothing(tmp_path):
 def test_changing_the_chunk_size_rechunks_everything(tmp_path):
     src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
     _run(src, out)
-    _run(src, out, '--chunk-size', '500')
+    _run(src, out, '--chunk-size', '500', '--index-versions', '1')
     assert _report(out)['run']['objects_changed'] == 4
+    assert sorted(p.name for p in (out / 'index').iterdir()) == ['index.json', 'v00000001']
     fresh = tmp_path / 'fresh'
     _run(src, fresh, '--chunk-size', '500')
     check_output(out, '--same-as', fresh)
@@ -186,6 +206,10 @@ def test_a_crash_at_any_point_leaves_the_last_version_and_the_next_run_converges
     _crash(src, out, 'between-commits')  # chunks committed, manifest not yet
     assert _version(out) == 1
     _crash(src, out, 'before-index')  # finishes the manifest commit first, then dies
+    _crash(src, out, 'index-before-switch')  # version 1's index written, not yet current
+    assert _report(out)['index']['table_version'] == 0
+    hits = json.loads(ragbeam('query', '--output', out, '--json', 'percent encoding').stdout)
+    assert {h['chunk_id'] for h in hits} <= {r['chunk_id'] for r in before}  # version 0's rows
     _run(src, out)
     fresh = tmp_path / 'fresh'
     _run(src, fresh)

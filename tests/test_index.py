@@ -83,7 +83,7 @@ def test_sharded_ivfpq_build_equals_a_single_shot_build(synthetic):
         meta = build_index(str(out), 'ivfpq', pipeline=pipeline, shard_rows=shard_rows)
         assert meta['type'] == 'ivfpq' and meta['count'] == len(ids)
         assert len(meta['search']['rerank']) == len(ids) // shard_rows
-        assert not (out / 'index' / 'shards').exists()  # merged into one on-disk file
+        assert not (out / 'index' / 'v00000000' / 'shards').exists()  # merged into one on-disk file
         builds[files] = (out, Searcher(str(out)).ids())
     assert np.array_equal(builds[1][1], builds[8][1]) and np.array_equal(builds[1][1], np.sort(ids))
     for out, _ in builds.values():
@@ -98,8 +98,11 @@ def test_a_repeated_id_is_added_once(synthetic, tmp_path):
         meta = build_index(str(tmp_path), kind, shard_rows=1000)
         assert meta['count'] == 3000
         assert np.array_equal(Searcher(str(tmp_path)).ids(), np.sort(ids[:3000]))
-    # a rebuild leaves nothing of the earlier type's files
-    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == ['faiss.index', 'index.json']
+    # a rebuild leaves nothing of the earlier type's files (a plain Parquet folder has no
+    # table versions: its index has one folder)
+    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == ['index.json', 'unversioned']
+    assert sorted(p.name for p in (tmp_path / 'index' / 'unversioned').iterdir()) == [
+        'faiss.index', 'index.json']
 
 
 def test_too_few_vectors_for_ivfpq_build_flat(synthetic, tmp_path):
@@ -133,7 +136,8 @@ def ivfpq_run(text_run, tmp_path_factory) -> Path:
 def test_ivfpq_over_a_run_meets_the_contracts(ivfpq_run):
     check_output(ivfpq_run, '--input', CORPUS / 'text')
     meta = json.loads((ivfpq_run / 'index' / 'index.json').read_text())
-    assert meta['type'] == 'ivfpq' and sorted(p.name for p in (ivfpq_run / 'index').iterdir()) == [
+    assert meta['dir'] == 'v00000000'
+    assert meta['type'] == 'ivfpq' and sorted(p.name for p in (ivfpq_run / 'index' / meta['dir']).iterdir()) == [
         'faiss.index', 'faiss.ivfdata', 'index.json', 'rerank-00000.ids.npy',
         'rerank-00000.sq8.npy', 'rerank.sq8']
 

@@ -71,8 +71,18 @@ def remove(folder: str, names: Iterable[str]) -> None:
 
 
 def write_json(file_path: str, obj) -> None:
+    """Writes `obj` as JSON; readers see the old file or the new one, never a part (a local
+    file is renamed into place; an object store's PUT is atomic)."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode('utf-8')
+    if is_local(file_path):
+        os.makedirs(os.path.dirname(os.path.abspath(file_path)), exist_ok=True)
+        tmp = f'{file_path}.{os.getpid()}.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, file_path)
+        return
     with FileSystems.create(file_path, mime_type='application/json') as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode('utf-8'))
+        f.write(data)
 
 
 def read_json(file_path: str):
@@ -80,15 +90,17 @@ def read_json(file_path: str):
         return json.loads(f.read())
 
 
-def active_files(table_path: str, storage_options: Optional[dict] = None) -> Optional[set[str]]:
-    """The URIs of the files that make up a Delta table now; None when it is not one."""
+def active_files(table_path: str, storage_options: Optional[dict] = None,
+                 version: Optional[int] = None) -> Optional[set[str]]:
+    """The URIs of the files that make up a Delta table now (or at `version`); None when it
+    is not one."""
     from deltalake import DeltaTable
     if table_path.startswith('gs://'):  # no corpus tables on GCS yet (README, "Scheduled backfills")
         return None
     if not DeltaTable.is_deltatable(table_path, storage_options=storage_options):
         return None
     return {normal_uri(u) for u in
-            DeltaTable(table_path, storage_options=storage_options).file_uris()}
+            DeltaTable(table_path, version=version, storage_options=storage_options).file_uris()}
 
 
 def normal_uri(uri: str) -> str:
@@ -105,10 +117,11 @@ class ParquetFolder:
     of the columns asked for), never downloaded whole.
     """
 
-    def __init__(self, folder: str, config: StoreConfig = StoreConfig()):
+    def __init__(self, folder: str, config: StoreConfig = StoreConfig(),
+                 version: Optional[int] = None):
         self.folder = folder
         self._store = store_for(folder, config)
-        live = active_files(folder, config.delta_storage_options(folder))
+        live = active_files(folder, config.delta_storage_options(folder), version)
         if live is None:
             found = self._store.list(path(folder, '*.parquet'))
         else:

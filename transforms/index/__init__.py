@@ -19,7 +19,7 @@ from transforms.index.plan import IndexOptions, MissingChunksError, choose_type
 # FAISS (40 MB) loads with the first use of these, not with the options: a run imports it
 # only for its index step, after the pipeline
 _LAZY = {'build_index': 'build', 'Searcher': 'search', 'parse_entity': 'search',
-         'query': 'search'}
+         'query': 'search', 'index_meta': 'search', 'NoIndexError': 'search'}
 
 
 def __getattr__(name: str):
@@ -28,5 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['IndexOptions', 'MissingChunksError', 'Searcher', 'build_index', 'choose_type',
-           'parse_entity', 'query']
+__all__ = ['IndexOptions', 'MissingChunksError', 'NoIndexError', 'Searcher', 'build_index',
+           'choose_type', 'index_meta', 'parse_entity', 'query']

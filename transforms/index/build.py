@@ -13,8 +13,10 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from transforms import outputs
-from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, SHARDS_DIR,
-                                    TRAINED_FILE, local_copy, quiet_stdout, save_npy, writable)
+from transforms.corpus import crash_point
+from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, META_FILE,
+                                    SHARDS_DIR, TRAINED_FILE, local_copy, prune, quiet_stdout,
+                                    save_npy, version_dir, writable)
 from transforms.index.plan import (BATCH_ROWS, HNSW_M, Plan, Shard, choose_type, embeddings,
                                    part_vectors, plan)
 from transforms.store import StoreConfig
@@ -31,25 +33,33 @@ PipelineMaker = Callable[[], beam.Pipeline]
 
 def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(),
                 memory_mb: int = 1024, pipeline: Optional[PipelineMaker] = None,
-                shard_rows: int = SHARD_ROWS, table_version: Optional[int] = None) -> dict:
-    """Builds DIR/index from DIR/chunks; returns index.json's content.
+                shard_rows: int = SHARD_ROWS, table_version: Optional[int] = None,
+                keep_versions: int = 3) -> dict:
+    """Builds the index of DIR/chunks at `table_version` into its own folder DIR/index/vN,
+    then makes it the current one (DIR/index/index.json, written last: a build that dies
+    leaves the previous index current); keeps the newest `keep_versions`. Returns the meta.
 
     `pipeline` makes the Beam pipeline that adds ivfpq shards in parallel (default: the
     in-process FnApiRunner).
     """
-    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config)
+    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config, table_version)
     chunk_plan = plan(chunks)
     kind = choose_type(index_type, chunk_plan.count, chunk_plan.dim, memory_mb)
-    outputs.remove(output, ['index'])  # an earlier index's files, of any type
-    index_dir = outputs.path(output, 'index')
+    root = outputs.path(output, 'index')
+    name = version_dir(table_version)
+    outputs.remove(root, [name])  # what an earlier build of this version left
+    index_dir = outputs.path(root, name)
     if kind == 'ivfpq':
         search = _build_ivfpq(index_dir, chunks, chunk_plan, config, pipeline, shard_rows)
     else:
         search = _build_in_memory(kind, index_dir, chunk_plan, config)
     meta = {'type': kind, 'requested_type': index_type, 'metric': 'inner_product',
             'dim': chunk_plan.dim, 'count': chunk_plan.count, 'model': chunk_plan.model,
-            'file': INDEX_FILE, 'search': search, 'table_version': table_version}
-    outputs.write_json(outputs.path(index_dir, 'index.json'), meta)
+            'file': INDEX_FILE, 'search': search, 'table_version': table_version, 'dir': name}
+    outputs.write_json(outputs.path(index_dir, META_FILE), meta)
+    crash_point('index-before-switch')
+    outputs.write_json(outputs.path(root, META_FILE), meta)  # now the current index
+    prune(root, keep_versions, name)
     _log.info('ragbeam: index %s of %d vectors written', kind, meta['count'])
     return meta
 

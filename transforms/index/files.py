@@ -21,6 +21,36 @@ CODEC_FILE = 'rerank.sq8'
 TRAINED_FILE = 'trained.index'   # staging: the empty trained index the shards start from
 SHARDS_DIR = 'shards'            # staging: each shard's inverted lists, merged then removed
 NPY_BLOCK_ROWS = 16384
+META_FILE = 'index.json'         # in each version's folder, and at DIR/index: the current one
+
+
+def version_dir(table_version: int | None) -> str:
+    """The folder under DIR/index of the index of one table version."""
+    return 'unversioned' if table_version is None else f'v{table_version:08d}'
+
+
+def children(folder: str) -> set[str]:
+    """The names directly under a folder (on object stores: the first part of each key)."""
+    if outputs.is_local(folder):
+        return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    prefix = outputs.path(folder, '')
+    found = FileSystems.match([outputs.path(folder, '**')])[0].metadata_list
+    return {m.path[len(prefix):].split('/', 1)[0] for m in found if m.path.startswith(prefix)}
+
+
+def kept_versions(index_root: str) -> list[int]:
+    """The table versions whose index is kept under DIR/index, oldest first."""
+    return sorted(int(name[1:]) for name in children(index_root)
+                  if name.startswith('v') and name[1:].isdigit())
+
+
+def prune(index_root: str, keep: int, current: str) -> None:
+    """Keeps the current index and the newest `keep` versions in all; removes the rest
+    (older versions, a layout without version folders, a dead build's half-written folder)."""
+    versions = [version_dir(v) for v in kept_versions(index_root)]
+    wanted = {current, META_FILE} | set(versions[-keep:] if keep else ())
+    outputs.remove(index_root, sorted(children(index_root) - wanted))
+
 
 @contextlib.contextmanager
 def writable(file_path: str) -> Iterator[str]:

@@ -32,10 +32,16 @@ class IndexOptions:
                 'auto picks by chunk count and --index-memory-mb'})
     memory_mb: int = field(default=1024, metadata={
         'flag': '--index-memory-mb', 'help': 'memory budget that auto keeps the index within'})
+    versions: int = field(default=3, metadata={
+        'flag': '--index-versions',
+        'help': 'how many table versions keep their index under DIR/index (the newest), for '
+                'ragbeam query --as-of'})
 
     def validate(self) -> None:
         if self.memory_mb < 1:
             raise ValueError('--index-memory-mb must be positive')
+        if self.versions < 1:
+            raise ValueError('--index-versions must be at least 1 (the current index)')
 
 
 class MissingChunksError(ValueError):

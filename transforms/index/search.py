@@ -8,8 +8,33 @@ import numpy as np
 import pyarrow as pa
 
 from transforms import outputs
-from transforms.index.files import cached_copy, quiet_stdout
+from transforms.index.files import (META_FILE, cached_copy, kept_versions, quiet_stdout,
+                                    version_dir)
 from transforms.store import StoreConfig
+
+
+class NoIndexError(ValueError):
+    """The output has no index, or none of the table version asked for."""
+
+
+def index_meta(output: str, version: int | None = None) -> dict:
+    """index.json of the current index, or of the index of table `version` (--as-of)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    root = outputs.path(output, 'index')
+    current = outputs.path(root, META_FILE)
+    if not FileSystems.exists(current):
+        raise NoIndexError(f'no index in {output} (run `ragbeam run` or `ragbeam index` first)')
+    meta = outputs.read_json(current)
+    if version is None or meta.get('table_version') == version:
+        return meta
+    wanted = outputs.path(root, version_dir(version), META_FILE)
+    if not FileSystems.exists(wanted):
+        kept = ', '.join(map(str, kept_versions(root))) or 'none'
+        raise NoIndexError(f'no index of table version {version} is kept in {root} (kept: '
+                           f'{kept}; `ragbeam history` lists the versions, --index-versions '
+                           'sets how many keep their index)')
+    return outputs.read_json(wanted)
 
 class Searcher:
     """A loaded index and the search settings it was built with.
@@ -18,10 +43,11 @@ class Searcher:
     searched from a local copy of its index folder (`cached_copy`).
     """
 
-    def __init__(self, output: str):
-        index_dir = outputs.path(output, 'index')
+    def __init__(self, output: str, version: int | None = None):
+        self.meta = index_meta(output, version)
+        index_dir = outputs.path(output, 'index', *([self.meta['dir']] if 'dir' in self.meta
+                                                    else []))
         folder = index_dir if outputs.is_local(index_dir) else cached_copy(index_dir)
-        self.meta = outputs.read_json(os.path.join(folder, 'index.json'))
         self._params = self.meta.get('search') or {}
         with quiet_stdout():
             self._index = faiss.read_index(os.path.join(folder, self.meta['file']),
@@ -109,16 +135,18 @@ def mentions(entities, entity: tuple[str, str]) -> bool:
 
 
 def query(output: str, vector: np.ndarray, k: int, uri_prefix: str = '',
-          config: StoreConfig = StoreConfig(), entity: tuple[str, str] | None = None
-          ) -> list[dict]:
+          config: StoreConfig = StoreConfig(), entity: tuple[str, str] | None = None,
+          version: int | None = None) -> list[dict]:
     """The k nearest chunks to `vector` ({score, chunk_id, uri, page, start, end, text}),
     only from objects whose URI starts with `uri_prefix` and, with `entity` (label, text),
-    only chunks that mention that entity.
+    only chunks that mention that entity; from the current index, or the index of table
+    `version`. The rows come from the table version the index was built from.
 
     With a filter, more candidates are drawn until k match or MAX_CANDIDATES were looked at.
     """
-    searcher = Searcher(output)
-    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config)
+    searcher = Searcher(output, version)
+    chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config,
+                                   searcher.meta.get('table_version'))
     columns = RESULT_COLUMNS + (['entities'] if entity else [])
     if entity and 'entities' not in chunks.schema().names:
         raise ValueError(f'{output} has no entities (run with --entities spacy)')
