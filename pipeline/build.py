@@ -168,7 +168,7 @@ def run(opts: RunOptions) -> dict | None:
                              chunk_schema(opts.embed.dim), staged, changes, opts.backfill,
                              summary)
     except corpus.CommitError as e:
-        corpus.clean_staging(opts.output, storage)
+        corpus.clean_staging(opts.output, storage, plan.run_id)
         raise UsageError(str(e))
     _publish_errors(opts.output, plan.run_id)
     corpus.crash_point('before-index')
@@ -185,7 +185,7 @@ def run(opts: RunOptions) -> dict | None:
                                           commit_seconds=done.seconds),
                                  staged=staged)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
-    corpus.clean_staging(opts.output, storage)
+    corpus.clean_staging(opts.output, storage, plan.run_id)
     outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
     return report
 

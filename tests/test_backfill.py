@@ -303,3 +303,34 @@ def test_a_date_range_backfill_rereads_only_its_window_and_deletes_nothing(tmp_p
     assert mixed.returncode == 2 and 'mix of old and new settings' in mixed.stderr
     bad = _run(src, out, '--modified-since', 'last tuesday', check=False)
     assert bad.returncode == 2 and 'expected an ISO date' in bad.stderr
+
+
+def test_two_concurrent_runs_never_mix_and_lose_nothing(tmp_path):
+    """Two real processes into one output, each with its own input: the one that finds the
+    table moved on commits nothing and says so; run again, it converges to the serial state."""
+    first, second = _copy(tmp_path / 'a', FILES[:2]), _copy(tmp_path / 'b', FILES[2:4])
+    out = tmp_path / 'out'
+    _run(first, out)
+
+    def start(src, **env):
+        return subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
+                                 '--output', str(out), '--embedder', 'hash',
+                                 '--max-delete-fraction', '1'], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, **env))
+
+    with open(first / 'rfc3986.txt', 'a') as f:
+        f.write('\nA paragraph added while another run ran.\n')
+    slow = start(second, RAGBEAM_TEST_DELAY_AT='before-chunks-commit:15')
+    fast = start(first)
+    assert fast.wait(timeout=600) == 0, fast.stderr.read()[-2000:]
+    assert slow.wait(timeout=600) == 2
+    assert 'another run committed' in slow.stderr.read()
+    assert _version(out) == 1  # only the fast run's commit
+    assert {os.path.basename(r['uri']) for r in _chunk_rows(out)} == set(FILES[:2])
+    _run(second, out)  # the loser, run again
+    both = tmp_path / 'both'
+    _run(first, both)
+    _run(second, both)
+    check_output(out, '--same-as', both)
+    assert _report(out)['index']['count'] == len(_chunk_rows(out))

@@ -38,8 +38,10 @@ _log = logging.getLogger(__name__)
 
 READ, UNCHANGED, DELETED = 'read', 'unchanged', 'deleted'
 RUN_PREFIX = 'run-'
-INTENT = '_ragbeam/pending.json'
+PENDING = '_ragbeam/pending'  # one commit intent per run: <run id>.json
+STALE_SECONDS = 6 * 3600  # another run's uncommitted staging younger than this may be live
 CRASH_ENV = 'RAGBEAM_TEST_CRASH_AT'  # tests: die (os._exit) at a named point of the commit
+DELAY_ENV = 'RAGBEAM_TEST_DELAY_AT'  # tests: POINT:SECONDS, wait there (another run commits)
 
 
 class CommitError(OSError):
@@ -115,9 +117,13 @@ def fingerprint(settings: dict) -> str:
 
 
 def crash_point(name: str) -> None:
-    """Dies here when the tests ask for it (RAGBEAM_TEST_CRASH_AT=name): a SIGKILL's effect."""
+    """Dies here when the tests ask for it (RAGBEAM_TEST_CRASH_AT=name): a SIGKILL's effect;
+    or waits here (RAGBEAM_TEST_DELAY_AT=name:seconds), as a slow driver would."""
     if os.environ.get(CRASH_ENV) == name:
         os._exit(137)
+    point, _, seconds = os.environ.get(DELAY_ENV, '').partition(':')
+    if point == name:
+        time.sleep(float(seconds))
 
 
 # ---- the diff -----------------------------------------------------------------------------
@@ -427,7 +433,8 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
                                           schema=MANIFEST_SCHEMA)
     manifest_file = outputs.path(staging(corpus.manifest_path, run_id), 'manifest.parquet')
     _write_parquet(manifest_table, manifest_file)
-    outputs.write_json(outputs.path(corpus.output, INTENT),
+    intent_path = outputs.path(corpus.output, PENDING, f'{run_id}.json')
+    outputs.write_json(intent_path,
                        {'run': run_id, 'manifest_file': manifest_file,
                         'rows': manifest_table.num_rows, 'meta': meta})
     crash_point('before-chunks-commit')
@@ -442,49 +449,70 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
                                                    else 'overwrite', schema,
                                                    commit_properties=properties)
     except CommitFailedError as e:
-        FileSystems.delete([outputs.path(corpus.output, INTENT)])
+        FileSystems.delete([intent_path])
         raise CommitError(f'another run committed to {corpus.output} while this one ran; '
                           f'nothing was committed, run again ({e})')
     crash_point('between-commits')
-    roll_forward(corpus.output, corpus._options)
+    roll_forward(corpus.output, corpus._options, run_id)
     version = Corpus(corpus.output, corpus._options).version
     return CommitResult(version, True, added_rows, removed_rows, len(deleted), rewritten,
                         round(time.time() - started, 3))
 
 
-def roll_forward(output: str, storage_options: Optional[dict] = None) -> None:
-    """Finishes a commit that a dead driver left half-done: when the chunks table holds the
-    intent's run, its manifest is committed now; otherwise the intent is dropped."""
+def run_age(run_id: str) -> float:
+    """Seconds since a run started, from its id (new_run_id)."""
+    try:
+        return time.time() - time.mktime(time.strptime(run_id.split('-', 1)[0], '%Y%m%dT%H%M%S'))
+    except ValueError:
+        return float('inf')
+
+
+def roll_forward(output: str, storage_options: Optional[dict] = None,
+                 run_id: Optional[str] = None) -> None:
+    """Finishes commits that a dead driver left half-done (or this run's, `run_id`): for each
+    intent whose run the chunks table holds, its manifest is committed now. Another run's
+    intent without a commit may be a live run's and stays, unless older than STALE_SECONDS."""
+    found = FileSystems.match([outputs.path(output, PENDING, '*.json')])[0].metadata_list
+    for meta in sorted(found, key=lambda m: m.path):
+        name = os.path.basename(meta.path)[:-len('.json')]
+        if run_id is None or name == run_id:
+            _roll_forward(output, storage_options, meta.path, mine=name == run_id)
+
+
+def _roll_forward(output: str, storage_options: Optional[dict], intent_path: str,
+                  mine: bool) -> None:
     from deltalake import CommitProperties, Schema
     from deltalake.transaction import create_table_with_add_actions
 
-    intent_path = outputs.path(output, INTENT)
-    if not FileSystems.exists(intent_path):
-        return
     intent = outputs.read_json(intent_path)
     corpus = Corpus(output, storage_options)
-    last = corpus.chunks.history(1)[0] if corpus.chunks is not None else {}
-    if last.get('ragbeam_run') == intent['run']:
-        manifest = corpus.manifest
-        mine = manifest is not None and manifest.history(1)[0].get('ragbeam_run') == intent['run']
-        if not mine:
-            properties = CommitProperties(custom_metadata=intent['meta'])
-            add = _add_action(corpus.manifest_path, intent['manifest_file'], intent['rows'])
-            if manifest is None:
-                create_table_with_add_actions(corpus.manifest_path, Schema.from_arrow(
-                    MANIFEST_SCHEMA), [add], mode='error', storage_options=storage_options,
-                    commit_properties=properties)
-            else:
-                removes = [_remove_action(corpus.manifest_path, u)
-                           for u in active_files(corpus.manifest_path, storage_options)]
-                manifest.create_write_transaction([add] + removes, 'append', MANIFEST_SCHEMA,
-                                                  commit_properties=properties)
+    runs = {h.get('ragbeam_run') for h in corpus.chunks.history()} if corpus.chunks else set()
+    if intent['run'] not in runs:
+        if mine or run_age(intent['run']) > STALE_SECONDS:
+            FileSystems.delete([intent_path])
+        return
+    manifest = corpus.manifest
+    done = manifest is not None and manifest.history(1)[0].get('ragbeam_run') == intent['run']
+    if not done:
+        properties = CommitProperties(custom_metadata=intent['meta'])
+        add = _add_action(corpus.manifest_path, intent['manifest_file'], intent['rows'])
+        if manifest is None:
+            create_table_with_add_actions(corpus.manifest_path, Schema.from_arrow(
+                MANIFEST_SCHEMA), [add], mode='error', storage_options=storage_options,
+                commit_properties=properties)
+        else:
+            removes = [_remove_action(corpus.manifest_path, u)
+                       for u in active_files(corpus.manifest_path, storage_options)]
+            manifest.create_write_transaction([add] + removes, 'append', MANIFEST_SCHEMA,
+                                              commit_properties=properties)
     FileSystems.delete([intent_path])
 
 
-def clean_staging(output: str, storage_options: Optional[dict] = None) -> None:
-    """Deletes the run folders of both tables that no commit names: runs that died or
-    failed before their commit. Files of older versions stay (Delta's time travel; a
+def clean_staging(output: str, storage_options: Optional[dict] = None,
+                  run_id: Optional[str] = None) -> None:
+    """Deletes the run folders of both tables that no commit names: this run's (`run_id`),
+    and those older than STALE_SECONDS (runs that died or failed before their commit; a
+    younger one may belong to a run still going). Files of older versions stay (Delta's time travel; a
     reader of an older version may be reading them): `DeltaTable.vacuum` removes those."""
     import shutil
     for table in ('chunks', 'manifest'):
@@ -497,5 +525,7 @@ def clean_staging(output: str, storage_options: Optional[dict] = None) -> None:
             committed = {h.get('ragbeam_run') for h in
                          DeltaTable(table_path, storage_options=storage_options).history()}
         for name in os.listdir(table_path):
-            if name.startswith(RUN_PREFIX) and name[len(RUN_PREFIX):] not in committed:
+            if name.startswith(RUN_PREFIX) and name[len(RUN_PREFIX):] not in committed and (
+                    name[len(RUN_PREFIX):] == run_id
+                    or run_age(name[len(RUN_PREFIX):]) > STALE_SECONDS):
                 shutil.rmtree(os.path.join(table_path, name), ignore_errors=True)
