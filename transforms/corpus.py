@@ -70,7 +70,7 @@ class BackfillOptions:
         if not 0 <= self.max_delete_fraction <= 1:
             raise ValueError('--max-delete-fraction must be between 0 and 1')
         since, before = self.window()
-        if self.full and (self.modified_since or self.modified_before):
+        if self.full and self.windowed:
             raise ValueError('--full re-reads every object: it does not go with '
                              '--modified-since or --modified-before')
         if since is not None and before is not None and since >= before:
@@ -150,7 +150,7 @@ class Change:
 
 
 class _Classify(beam.DoFn):
-    def __init__(self, fingerprint: str, patterns: list[str], options: 'BackfillOptions'):
+    def __init__(self, fingerprint: str, patterns: list[str], options: BackfillOptions):
         self._fingerprint = fingerprint
         self._patterns = patterns
         self._full = options.full
@@ -202,7 +202,7 @@ class Diff(beam.PTransform):
     deleted.
     """
 
-    def __init__(self, fingerprint: str, patterns: list[str], options: 'BackfillOptions'):
+    def __init__(self, fingerprint: str, patterns: list[str], options: BackfillOptions):
         super().__init__()
         self._args = (fingerprint, patterns, options)
 
@@ -525,7 +525,6 @@ def clean_staging(output: str, storage_options: Optional[dict] = None,
             committed = {h.get('ragbeam_run') for h in
                          DeltaTable(table_path, storage_options=storage_options).history()}
         for name in os.listdir(table_path):
-            if name.startswith(RUN_PREFIX) and name[len(RUN_PREFIX):] not in committed and (
-                    name[len(RUN_PREFIX):] == run_id
-                    or run_age(name[len(RUN_PREFIX):]) > STALE_SECONDS):
+            run = name[len(RUN_PREFIX):] if name.startswith(RUN_PREFIX) else None
+            if run and run not in committed and (run == run_id or run_age(run) > STALE_SECONDS):
                 shutil.rmtree(os.path.join(table_path, name), ignore_errors=True)

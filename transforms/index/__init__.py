@@ -9,8 +9,9 @@ An ivfpq build is the FAISS way. The coarse quantizer, PQ codebooks and SQ8 rang
 trained once on a bounded, reproducible sample. Then a Beam stage gives shards (small records
 of row groups) to workers; each adds its rows to a copy of the trained index and writes its
 inverted lists and its re-rank codes, sorted by id64. Last, the driver merges the lists into
-one on-disk file (`merge_ondisk`). Files under DIR/index: index.json, faiss.index, and for
-ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer), rerank-NNNNN.{ids,sq8}.npy.
+one on-disk file (`merge_ondisk`). Each table version's index has its own folder DIR/index/vN:
+index.json, faiss.index, and for ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer),
+rerank-NNNNN.{ids,sq8}.npy; DIR/index/index.json, written last, names the current one.
 """
 import importlib
 

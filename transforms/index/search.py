@@ -36,6 +36,7 @@ def index_meta(output: str, version: int | None = None) -> dict:
                            'sets how many keep their index)')
     return outputs.read_json(wanted)
 
+
 class Searcher:
     """A loaded index and the search settings it was built with.
 
