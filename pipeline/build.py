@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from pipeline import report as reporting
@@ -24,7 +25,7 @@ from transforms.read_text import ReadText
 from transforms.route import Route
 from transforms.store import StoreConfig
 from transforms.types import MANIFEST_SCHEMA, CommittedObject, chunk_schema
-from transforms.write import WriteChunks, WriteErrors, WriteManifest
+from transforms.write import WriteChunks, WriteErrors, WriteManifest, error_json
 
 _log = logging.getLogger(__name__)
 
@@ -160,6 +161,12 @@ def run(opts: RunOptions) -> dict | None:
     corpus.crash_point('after-pipeline')
     staged = outputs.ParquetFolder(run_folder(opts.output, plan.run_id, 'manifest'),
                                    opts.store).table(MANIFEST_SCHEMA.names)
+    staged, incomplete = corpus.check_staged(outputs.path(opts.output, 'chunks'), plan.run_id,
+                                             staged)
+    if incomplete:
+        with FileSystems.create(run_folder(opts.output, plan.run_id, 'errors',
+                                           'errors-commit.jsonl')) as f:
+            f.write(''.join(error_json(e) + '\n' for e in incomplete).encode('utf-8'))
     changes = dict(_read_changes(run_folder(opts.output, plan.run_id)))
     found = metrics(result)
     summary = reporting.run_counts(changes, staged)
@@ -191,8 +198,6 @@ def run(opts: RunOptions) -> dict | None:
 
 
 def _read_changes(folder: str):
-    from apache_beam.io.filesystems import FileSystems
-
     for meta in FileSystems.match([outputs.path(folder, 'changes*.jsonl')])[0].metadata_list:
         with FileSystems.open(meta.path, compression_type='uncompressed') as f:
             for line in f.read().decode('utf-8').splitlines():
@@ -203,8 +208,6 @@ def _read_changes(folder: str):
 
 def _publish_errors(output: str, run_id: str) -> None:
     """errors/ holds the error records of the last committed run."""
-    from apache_beam.io.filesystems import FileSystems
-
     outputs.remove(output, ['errors'])
     found = FileSystems.match([run_folder(output, run_id, 'errors', '*.jsonl')])[0].metadata_list
     for n, meta in enumerate(found):
@@ -219,8 +222,6 @@ def _update_index(opts: RunOptions, version: int | None) -> dict | None:
     index.json already names this version."""
     if opts.index.type == 'none':
         return None
-    from apache_beam.io.filesystems import FileSystems
-
     meta_path = outputs.path(opts.output, 'index', 'index.json')
     if FileSystems.exists(meta_path):
         meta = outputs.read_json(meta_path)
@@ -229,7 +230,9 @@ def _update_index(opts: RunOptions, version: int | None) -> dict | None:
             return meta
     return index.build_index(opts.output, opts.index.type, opts.store, opts.index.memory_mb,
                              lambda: make_pipeline(opts.beam_args, opts.store),
-                             table_version=version, keep_versions=opts.index.versions)
+                             table_version=version, keep_versions=opts.index.versions,
+                             rebuild_fraction=0.0 if opts.backfill.full
+                             else opts.index.rebuild_fraction)  # --full: from scratch
 
 
 def metrics(result) -> dict[str, dict]:

@@ -114,3 +114,22 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('RAGBEAM_CACHE', str(tmp_path / 'ragbeam-cache'))  # not the user's
     os.environ.setdefault('PYTHONHASHSEED', '0')
+
+
+@pytest.fixture(scope='module')
+def s3():
+    """moto's S3 server on 127.0.0.1, with the shared texts in s3://corpus/text/, and the
+    S3 environment (fake credentials, the region) for the module's tests."""
+    from tests.servers import S3_ENV, MotoS3
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = MotoS3()
+    server.upload_tree('corpus', CORPUS / 'text', 'text')
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

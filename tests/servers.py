@@ -117,7 +117,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ('transfer-encoding', 'connection', 'content-length'):
                         self.send_header(k, v)
-                self.send_header('Content-Length', str(len(data)))
+                # a HEAD's length is the object's, which its empty body does not show
+                self.send_header('Content-Length', resp.getheader('Content-Length', '0')
+                                 if self.command == 'HEAD' else str(len(data)))
                 self.end_headers()
                 if fault == 'cut' and len(data) > 1:
                     self.wfile.write(data[:len(data) // 2])

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,6 +52,13 @@ def _chunk_rows_at(out, version):
     from deltalake import DeltaTable
     return DeltaTable(str(out / 'chunks'), version=version).to_pyarrow_table(
         columns=['uri', 'chunk_id']).to_pylist()
+
+
+def _manifest_row(out, uri):
+    from deltalake import DeltaTable
+    row, = [r for r in DeltaTable(str(out / 'manifest')).to_pyarrow_table().to_pylist()
+            if r['uri'] == uri]
+    return row
 
 
 def _version(out):
@@ -186,9 +194,10 @@ def test_an_object_that_fails_keeps_its_old_rows_and_is_retried(tmp_path):
     check_output(out, '--input', src)
 
 
-def _crash(src, out, point):
+def _crash(src, out, point, *extra):
     proc = subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
-                           '--output', str(out), '--embedder', 'hash'], cwd=ROOT,
+                           '--output', str(out), '--embedder', 'hash', *map(str, extra)],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, RAGBEAM_TEST_CRASH_AT=point))
     assert proc.returncode == 137, proc.stderr[-2000:]
@@ -334,3 +343,216 @@ def test_two_concurrent_runs_never_mix_and_lose_nothing(tmp_path):
     _run(second, both)
     check_output(out, '--same-as', both)
     assert _report(out)['index']['count'] == len(_chunk_rows(out))
+
+
+def test_an_incremental_run_updates_an_ivfpq_index_instead_of_rebuilding_it(tmp_path):
+    from deltalake import DeltaTable
+
+    from transforms.index import Searcher
+
+    src, out = _copy(tmp_path / 'src', ['world192.txt', 'pep-0008.rst', 'ru-koi8-r.txt']), tmp_path / 'out'
+    _run(src, out, '--index-type', 'ivfpq')
+    assert _report(out)['index']['built'] == 'full'
+    with open(src / 'pep-0008.rst', 'a') as f:
+        f.write('\nAn appendix added after the first run, about trailing commas.\n')
+    shutil.copy2(CORPUS / 'text' / 'pep-0263.rst', src / 'pep-0263.rst')
+    (src / 'ru-koi8-r.txt').unlink()
+    _run(src, out, '--index-type', 'ivfpq')
+    meta = _report(out)['index']
+    assert meta['built'] == 'update' and meta['table_version'] == 1
+    assert meta['base'] == {'dir': 'v00000000', 'table_version': 0}
+    assert 0 < meta['delta']['count'] and 0 < meta['tombstones']['count']
+    check_output(out, '--input', src)  # the index count is the table's
+    table = DeltaTable(str(out / 'chunks')).to_pyarrow_table(columns=['id64', 'chunk_id'])
+    assert Searcher(str(out)).ids().tolist() == sorted(table.column('id64').to_pylist())
+    live = set(table.column('chunk_id').to_pylist())
+    for q in QUERIES[:6]:
+        hits = json.loads(ragbeam('query', '--output', out, '--json', '-k', '10', q).stdout)
+        assert len(hits) == 10 and {h['chunk_id'] for h in hits} <= live
+    for uri, found in ((src / 'ru-koi8-r.txt', False), (src / 'pep-0263.rst', True)):
+        hits = json.loads(ragbeam('query', '--output', out, '--json', '--uri-prefix', uri,
+                                  'source code encoding declaration').stdout)
+        assert bool(hits) == found
+
+
+class S3Corpus:
+    """Input and output in one moto bucket (`src/`, `out`), with a local mirror of the
+    input's final state for check_output."""
+
+    def __init__(self, s3, tmp_path):
+        import uuid
+        self.s3, self.bucket = s3, f'backfill-{uuid.uuid4().hex[:8]}'
+        s3.client().create_bucket(Bucket=self.bucket)
+        self.src, self.tmp = _copy(tmp_path / 'src'), tmp_path
+        for name in FILES[:4]:
+            self.put(name)
+
+    def uri(self, name: str) -> str:
+        return f's3://{self.bucket}/{name}'
+
+    def put(self, name: str) -> None:
+        self.s3.client().put_object(Bucket=self.bucket, Key=f'src/{name}',
+                                    Body=(self.src / name).read_bytes())
+
+    def change(self) -> None:
+        """One object changed, one added, one deleted (here and in the mirror)."""
+        with open(self.src / 'rfc3986.txt', 'a') as f:
+            f.write('\nAn appendix added after the first run, about fragment identifiers.\n')
+        shutil.copy2(CORPUS / 'text' / 'pep-0263.rst', self.src / 'pep-0263.rst')
+        (self.src / 'ru-koi8-r.txt').unlink()
+        self.put('rfc3986.txt')
+        self.put('pep-0263.rst')
+        self.s3.client().delete_object(Bucket=self.bucket, Key='src/ru-koi8-r.txt')
+
+    def run(self, out: str, *extra, check=True):
+        return ragbeam('run', '--input', self.uri('src/**'), '--output', self.uri(out),
+                       '--s3-endpoint-url', self.s3.endpoint, *extra, check=check)
+
+    def crash(self, out: str, point: str, *extra) -> None:
+        _crash(self.uri('src/**'), self.uri(out), point, '--s3-endpoint-url', self.s3.endpoint,
+               *extra)
+
+    def local(self, out: str):
+        """A fresh local copy of an output (a Delta table's paths are relative)."""
+        dest = self.tmp / f'copy-{out}'
+        shutil.rmtree(dest, ignore_errors=True)
+        self.s3.download_tree(self.bucket, out, dest)
+        return dest
+
+
+STALE_COMMIT = """
+import json, os, sys, time
+from transforms.corpus import BackfillOptions, CommitError, Corpus, commit
+from transforms.store import StoreConfig
+from transforms.types import MANIFEST_SCHEMA, chunk_schema
+from pipeline.options import store_beam_args
+from apache_beam.options.pipeline_options import PipelineOptions
+from transforms import outputs
+
+output, endpoint, signal, deleted = sys.argv[1:]
+config = StoreConfig(s3_endpoint_url=endpoint)
+outputs.configure(PipelineOptions(store_beam_args(config, [])))
+stale = Corpus(output, config.delta_storage_options(output))
+open(signal + '.ready', 'w').close()
+while not os.path.exists(signal + '.go'):
+    time.sleep(0.2)
+try:
+    commit(stale, 'late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
+           {deleted: 'deleted'}, BackfillOptions(), {})
+except CommitError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_a_fresh_run(
+        s3, tmp_path):
+    """With input and output in a bucket: a run killed between its two commits (the intent
+    file in the bucket lets the next run finish the pair), a commit from a handle opened
+    before another run committed (refused: delta-rs's conditional put, which moto honours as
+    S3 does), and an ivfpq index updated through the bucket; the end state equals a fresh
+    run's."""
+    small = ('--index-type', 'ivfpq', '--chunk-size', '300', '--chunk-overlap', '30',
+             '--index-rebuild-fraction', '1')  # enough chunks to train ivfpq; always update
+    corpus = S3Corpus(s3, tmp_path)
+    corpus.run('out', *small)
+    before = _chunk_rows(corpus.local('out'))
+    signal = tmp_path / 'stale'
+    stale = subprocess.Popen([sys.executable, '-c', STALE_COMMIT, corpus.uri('out'),
+                              s3.endpoint, str(signal), corpus.uri('src/pep-0008.rst')],
+                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not os.path.exists(f'{signal}.ready'):
+        assert stale.poll() is None, stale.stderr.read()[-2000:]
+        time.sleep(0.2)
+    corpus.change()
+    corpus.crash('out', 'between-commits', *small)  # chunks committed, manifest not yet
+    out = corpus.local('out')
+    assert _version(out) == 1 and _report(out)['index']['table_version'] == 0
+    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
+                              s3.endpoint, '--json', 'percent encoding').stdout)
+    assert hits and {h['chunk_id'] for h in hits} <= {r['chunk_id'] for r in before}
+    converged = corpus.run('out', *small)
+    assert 'nothing to commit, table version 1' in converged.stdout  # the pair was finished
+    (tmp_path / 'stale.go').touch()
+    assert stale.wait(timeout=300) == 3, stale.stderr.read()[-2000:]
+    assert 'another run committed' in stale.stdout.read()
+    corpus.run('fresh', *small)
+    out, fresh = corpus.local('out'), corpus.local('fresh')
+    assert _version(out) == 1
+    check_output(out, '--input', corpus.src, '--chunk-size', '300', '--chunk-overlap', '30')
+    check_output(out, '--same-as', fresh)
+    index = _report(out)['index']
+    assert (index['type'], index['built'], index['table_version']) == ('ivfpq', 'update', 1)
+    assert index['count'] == _report(fresh)['index']['count']
+    live = {r['chunk_id'] for r in _chunk_rows(out)}
+    for q in QUERIES[:5]:
+        hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
+                                  s3.endpoint, '--json', '-k', '10', q).stdout)
+        assert len(hits) == 10 and {h['chunk_id'] for h in hits} <= live
+
+
+def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_retried(
+        s3, tmp_path):
+    from tests.servers import FaultProxy
+
+    corpus = S3Corpus(s3, tmp_path)
+    corpus.run('out')
+    uri = corpus.uri('src/rfc3986.txt')
+    old = sorted(r['chunk_id'] for r in _chunk_rows(corpus.local('out')) if r['uri'] == uri)
+    first = _manifest_row(corpus.local('out'), uri)
+    with open(corpus.src / 'rfc3986.txt', 'a') as f:
+        f.write('\nA second version.\n')
+    corpus.put('rfc3986.txt')  # what the next listing sees
+    with open(corpus.src / 'rfc3986.txt', 'a') as f:
+        f.write('\nA third version, written while the second is read.\n')
+    proxy = FaultProxy(s3.port, faults=False)
+    proxy.hooks['src/rfc3986.txt'] = lambda: corpus.put('rfc3986.txt')
+    try:
+        ragbeam('run', '--input', corpus.uri('src/**'), '--output', corpus.uri('out'),
+                '--s3-endpoint-url', proxy.endpoint)
+    finally:
+        proxy.stop()
+    out = corpus.local('out')
+    assert _report(out)['run']['objects_read_failed'] == 1
+    assert sorted(r['chunk_id'] for r in _chunk_rows(out) if r['uri'] == uri) == old
+    # the manifest still describes the committed rows (the first version), errors/ the failure
+    assert _manifest_row(out, uri) == first
+    error, = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
+              for line in f.read_text().splitlines()]
+    assert (error['uri'], error['stage'], error['error_type']) == (uri, 'read',
+                                                                   'ObjectChangedError')
+    again = corpus.run('out')  # retried, and read whole this time
+    assert 'changed 1' in again.stdout and _report(corpus.local('out'))['run']['objects_read_failed'] == 0
+    check_output(corpus.local('out'), '--input', corpus.src)
+
+
+def test_an_object_whose_rows_were_lost_before_the_commit_fails_instead_of_committing(tmp_path):
+    """The commit's integrity check: staged rows per object against its reader's count (a
+    runner that drops a bundle, a writer that loses rows), so a short object never commits
+    as complete."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.corpus import check_staged, staging
+    from transforms.types import MANIFEST_SCHEMA, Chunk, chunk_schema
+    from transforms.write import chunk_table
+
+    table = tmp_path / 'chunks'
+    folder = tmp_path / os.path.relpath(staging(str(table), 'r1'), tmp_path)
+    folder.mkdir(parents=True)
+    vector = np.ones(4, dtype=np.float32).tobytes()
+    chunks = [Chunk(f'{u}{n}', n, u, 'v1', 'text', None, n, n + 1, 'x', vector, 'm', 'utf-8')
+              for u, count in (('a', 3), ('b', 2)) for n in range(count)]
+    pq.write_table(chunk_table(chunks, chunk_schema(4)), folder / 'text-00000.parquet')
+    manifest = pa.Table.from_pylist([
+        {'uri': 'a', 'version': 'v1', 'status': 'ok', 'chunks': 3},
+        {'uri': 'b', 'version': 'v1', 'status': 'ok', 'chunks': 4},
+        {'uri': 'c', 'version': 'v1', 'status': 'failed', 'chunks': 0, 'reason': 'not found: x'},
+    ], schema=MANIFEST_SCHEMA)
+    checked, errors = check_staged(str(table), 'r1', manifest)
+    rows = {r['uri']: (r['status'], r['reason']) for r in checked.to_pylist()}
+    assert rows['a'] == ('ok', None) and rows['c'] == ('failed', 'not found: x')
+    assert rows['b'][0] == 'failed' and rows['b'][1].startswith(
+        'incomplete: 2 of the 4 chunks its reader counted were staged')
+    assert [(e.uri, e.stage, e.error_type) for e in errors] == [('b', 'commit', 'IncompleteObject')]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import faiss
+import pyarrow as pa
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -139,7 +140,7 @@ def test_ivfpq_over_a_run_meets_the_contracts(ivfpq_run):
     assert meta['dir'] == 'v00000000'
     assert meta['type'] == 'ivfpq' and sorted(p.name for p in (ivfpq_run / 'index' / meta['dir']).iterdir()) == [
         'faiss.index', 'faiss.ivfdata', 'index.json', 'rerank-00000.ids.npy',
-        'rerank-00000.sq8.npy', 'rerank.sq8']
+        'rerank-00000.sq8.npy', 'rerank.sq8', 'trained.index']
 
 
 @pytest.mark.parametrize('run', ['text_run', 'ivfpq_run'])
@@ -153,3 +154,66 @@ def test_a_uri_prefix_keeps_results_to_one_object(run, request):
     hits = json.loads(ragbeam('query', '--output', out, '--json', '-k', '5',
                               '--uri-prefix', prefix, 'uniform resource identifier').stdout)
     assert len(hits) == 5 and {h['uri'] for h in hits} == {prefix}
+
+
+def _delta_rows(vectors: np.ndarray, ids: np.ndarray, rows) -> pa.Table:
+    """Synthetic chunk rows (object i % 97) as the sink writes them, for a Delta table."""
+    return chunk_table([Chunk(f'{ids[i]:x}', int(ids[i]), f'file:///synthetic/{i % 97}.txt', 'v',
+                              'text', None, int(i), int(i) + 1, 'x', vectors[i].tobytes(),
+                              'synthetic', 'utf-8') for i in rows], chunk_schema(DIM))
+
+
+def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, tmp_path):
+    """Deletes (which rewrite every file holding a deleted row), appends and changed vectors:
+    the update masks exactly the removed ids, adds exactly the new vectors, and stays on its
+    base until those pass the rebuild fraction."""
+    from deltalake import DeltaTable, write_deltalake
+
+    vectors, ids, queries, *_ = synthetic
+    n, table = 30_000, tmp_path / 'chunks'
+    for rows in np.array_split(np.arange(n), 4):                             # v0-v3: 4 files
+        write_deltalake(table, _delta_rows(vectors, ids, rows), mode='append')
+    built = build_index(str(tmp_path), 'ivfpq', table_version=3, rebuild_fraction=0.1)
+    assert (built['built'], built['count']) == ('full', n)
+
+    DeltaTable(table).delete("uri = 'file:///synthetic/5.txt'")             # rewrites them all
+    write_deltalake(table, _delta_rows(vectors, ids, range(n, n + 500)), mode='append')
+    moved = [i for i in range(n + 500) if i % 97 == 7]                        # new vectors
+    DeltaTable(table).delete("uri = 'file:///synthetic/7.txt'")
+    rolled = np.roll(vectors, 1, axis=0)
+    write_deltalake(table, _delta_rows(rolled, ids, moved), mode='append')
+    version = DeltaTable(table).version()
+    meta = build_index(str(tmp_path), 'ivfpq', table_version=version, rebuild_fraction=0.1,
+                       keep_versions=1)
+    removed = {int(ids[i]) for i in range(n) if i % 97 == 5}
+    live = sorted(set(int(i) for i in ids[:n + 500]) - removed)
+    assert meta['built'] == 'update' and meta['base'] == {'dir': 'v00000003', 'table_version': 3}
+    moved_in_base = [i for i in moved if i < n]
+    assert meta['tombstones']['count'] == len(removed) + len(moved_in_base)
+    assert meta['delta']['count'] == 500 + len(moved_in_base) and meta['count'] == len(live)
+    # the base stays (an update stands on it) with --index-versions 1
+    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == [
+        'index.json', 'v00000003', f'v{version:08d}']
+    searcher = Searcher(str(tmp_path))
+    assert searcher.ids().tolist() == live
+    scores, found = searcher.search(queries, 10)
+    assert (found != -1).all() and not removed & set(found.ravel().tolist())
+    # an added vector and a changed one are found by themselves, the changed one by its new value
+    new_vectors = np.stack([vectors[n + 3], rolled[moved[0]]])
+    _, top = searcher.search(new_vectors, 1)
+    assert top[:, 0].tolist() == [int(ids[n + 3]), int(ids[moved[0]])]
+    # recall against exact search over the live vectors
+    kept = [i for i in range(n + 500) if not (i < n and i % 97 == 5)]
+    live_vectors = np.stack([rolled[i] if i % 97 == 7 else vectors[i] for i in kept])
+    live_ids = ids[kept]
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(live_vectors)
+    _, nearest = exact.search(queries, 10)
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, live_ids[nearest])]) >= 0.9
+
+    DeltaTable(table).delete("uri < 'file:///synthetic/3'")                # past the fraction
+    meta = build_index(str(tmp_path), 'ivfpq', table_version=DeltaTable(table).version(),
+                       rebuild_fraction=0.1, keep_versions=1)
+    assert meta['built'] == 'full' and 'base' not in meta
+    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == [
+        'index.json', f'v{DeltaTable(table).version():08d}']

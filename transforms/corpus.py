@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import outputs
 from transforms.outputs import active_files, normal_uri as _normal
 from transforms.store import glob_to_prefix
-from transforms.types import MANIFEST_SCHEMA, CommittedObject, ObjectRef, record
+from transforms.types import MANIFEST_SCHEMA, CommittedObject, ErrorRecord, ObjectRef, record
 
 _log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ READ, UNCHANGED, DELETED = 'read', 'unchanged', 'deleted'
 RUN_PREFIX = 'run-'
 PENDING = '_ragbeam/pending'  # one commit intent per run: <run id>.json
 STALE_SECONDS = 6 * 3600  # another run's uncommitted staging younger than this may be live
+COPIES_KEY = 'ragbeam_copies'  # commit metadata: {rewritten file: the file it copies}
 CRASH_ENV = 'RAGBEAM_TEST_CRASH_AT'  # tests: die (os._exit) at a named point of the commit
 DELAY_ENV = 'RAGBEAM_TEST_DELAY_AT'  # tests: POINT:SECONDS, wait there (another run commits)
 
@@ -292,6 +293,25 @@ def _rel(table_path: str, file_path: str) -> str:
     return os.path.relpath(_normal(file_path), _normal(table_path))
 
 
+table_relpath = _rel
+
+
+def copied_files(table_path: str, storage_options: Optional[dict], since: int,
+                 until: int) -> dict[str, str]:
+    """The files that ragbeam's commits after version `since`, up to `until`, wrote as
+    copies of older rows (a committed file less a replaced object's rows, byte for byte),
+    each with the file it copies as of `since` (a copy of a copy goes back to the first),
+    as paths relative to the table."""
+    from deltalake import DeltaTable
+    origin: dict[str, str] = {}
+    commits = DeltaTable(table_path, storage_options=storage_options).history()
+    for commit in sorted(commits, key=lambda c: c['version']):
+        if since < commit['version'] <= until:
+            for new, old in json.loads(commit.get(COPIES_KEY) or '{}').items():
+                origin[new] = origin.get(old, old)
+    return origin
+
+
 def _add_action(table_path: str, file_path: str, rows: int):
     from deltalake.transaction import AddAction
     size = FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
@@ -354,6 +374,68 @@ def _write_parquet(table: pa.Table, out_path: str) -> None:
         f.write(sink.getvalue().to_pybytes())
 
 
+def check_staged(table_path: str, run_id: str,
+                 staged_manifest: pa.Table) -> tuple[pa.Table, list[ErrorRecord]]:
+    """The staged manifest with every `ok` object whose staged chunk rows differ in number
+    from the chunks its reader counted turned `failed` (rows were lost between the read and
+    the write: it must not commit as complete, and the next run retries it), and an error
+    record for each such object."""
+    import pyarrow.compute as pc
+    staged_rows: dict[str, int] = {}
+    for path in _files(staging(table_path, run_id)):
+        for item in pc.value_counts(_uris(path)).to_pylist():
+            staged_rows[item['values']] = staged_rows.get(item['values'], 0) + item['counts']
+    rows, errors = [], []
+    for row in staged_manifest.to_pylist():
+        found = staged_rows.get(row['uri'], 0)
+        if row['status'] == 'ok' and found != row['chunks']:
+            message = (f'{found} of the {row["chunks"]} chunks its reader counted were staged '
+                       '(rows lost between the read and the write)')
+            _log.error('ragbeam: %s: %s; not committed, retried by the next run', row['uri'],
+                       message)
+            errors.append(ErrorRecord(row['uri'], 'commit', 'IncompleteObject', message,
+                                      row['version']))
+            row = dict(row, status='failed', reason=f'incomplete: {message}')
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=staged_manifest.schema), errors
+
+
+@dataclass
+class Removal:
+    """The actions that drop some objects' rows from a table: each committed file holding one
+    is removed, and rewritten without them (`copies`: each rewrite -> the file it copies)."""
+    adds: list
+    removes: list
+    rows: int
+    rewritten: int
+    copies: dict[str, str]
+
+
+def remove_objects(table_path: str, storage_options: Optional[dict], folder: str,
+                   uris: set[str], every_row: bool = False) -> Removal:
+    """The actions that drop the rows of `uris` (with `every_row`, all rows: the schema
+    changed) from the table's committed files, rewriting only the files that hold them into
+    `folder`; commit them with COPIES_KEY set to json of `copies`."""
+    removal = Removal([], [], 0, 0, {})
+    for n, uri in enumerate(sorted(active_files(table_path, storage_options) or ())):
+        found = _uris(uri)
+        drop = set(found.to_pylist()) & uris
+        if not drop and not every_row:
+            continue
+        removal.removes.append(_remove_action(table_path, uri))
+        if every_row:  # no row of the old schema can stay
+            removal.rows += len(found)
+            continue
+        removal.rewritten += 1
+        out = outputs.path(folder, f'rewrite-{n:05d}.parquet')
+        count = _without(uri, drop, out)
+        removal.rows += len(found) - count
+        if count:
+            removal.adds.append(_add_action(table_path, out, count))
+            removal.copies[_rel(table_path, out)] = _rel(table_path, uri)
+    return removal
+
+
 def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schema,
            staged_manifest: pa.Table, changes: dict[str, str], options: BackfillOptions,
            summary: dict) -> CommitResult:
@@ -407,25 +489,16 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
     schema_changed = (corpus.chunks is not None and
                       pa.schema(corpus.chunks.schema().to_arrow()).remove_metadata()
                       != schema.remove_metadata())
+    copies: dict[str, str] = {}
     if corpus.chunks is not None and (replaced or schema_changed):
-        for n, uri in enumerate(sorted(active_files(table_path, corpus._options) or ())):
-            uris = _uris(uri)
-            drop = set(uris.to_pylist()) & replaced
-            if not drop and not schema_changed:
-                continue
-            removes.append(_remove_action(table_path, uri))
-            if schema_changed:  # no row of the old schema can stay
-                removed_rows += len(uris)
-                continue
-            rewritten += 1
-            out = outputs.path(folder, f'rewrite-{n:05d}.parquet')
-            count = _without(uri, drop, out)
-            removed_rows += len(uris) - count
-            if count:
-                adds.append(_add_action(table_path, out, count))
+        removed = remove_objects(table_path, corpus._options, folder, replaced, schema_changed)
+        adds += removed.adds
+        removes += removed.removes
+        removed_rows, rewritten, copies = removed.rows, removed.rewritten, removed.copies
     nothing = not adds and not removes and rows == old
     meta = {'ragbeam_run': run_id, 'ragbeam_fingerprint': fingerprint_value,
-            'ragbeam_summary': json.dumps(summary, sort_keys=True)}
+            'ragbeam_summary': json.dumps(summary, sort_keys=True),
+            COPIES_KEY: json.dumps(copies, sort_keys=True)}
     if nothing and corpus.chunks is not None:
         _log.info('ragbeam: nothing changed; no commit')
         return CommitResult(corpus.version, False, seconds=round(time.time() - started, 3))
@@ -514,17 +587,16 @@ def clean_staging(output: str, storage_options: Optional[dict] = None,
     and those older than STALE_SECONDS (runs that died or failed before their commit; a
     younger one may belong to a run still going). Files of older versions stay (Delta's time travel; a
     reader of an older version may be reading them): `DeltaTable.vacuum` removes those."""
-    import shutil
+    from deltalake import DeltaTable
     for table in ('chunks', 'manifest'):
         table_path = outputs.path(output, table)
-        if not outputs.is_local(table_path) or not os.path.isdir(table_path):
+        names = {n for n in outputs.children(table_path) if n.startswith(RUN_PREFIX)}
+        if not names:
             continue
-        from deltalake import DeltaTable
         committed = set()
         if DeltaTable.is_deltatable(table_path, storage_options=storage_options):
             committed = {h.get('ragbeam_run') for h in
                          DeltaTable(table_path, storage_options=storage_options).history()}
-        for name in os.listdir(table_path):
-            run = name[len(RUN_PREFIX):] if name.startswith(RUN_PREFIX) else None
-            if run and run not in committed and (run == run_id or run_age(run) > STALE_SECONDS):
-                shutil.rmtree(os.path.join(table_path, name), ignore_errors=True)
+        outputs.remove(table_path, sorted(
+            name for name in names if (run := name[len(RUN_PREFIX):]) not in committed
+            and (run == run_id or run_age(run) > STALE_SECONDS)))

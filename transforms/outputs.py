@@ -70,6 +70,15 @@ def remove(folder: str, names: Iterable[str]) -> None:
         FileSystems.delete(stale)
 
 
+def children(folder: str) -> set[str]:
+    """The names directly under a folder (on object stores: the first part of each key)."""
+    if is_local(folder):
+        return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    prefix = path(folder, '')
+    found = FileSystems.match([path(folder, '**')])[0].metadata_list
+    return {m.path[len(prefix):].split('/', 1)[0] for m in found if m.path.startswith(prefix)}
+
+
 def write_json(file_path: str, obj) -> None:
     """Writes `obj` as JSON; readers see the old file or the new one, never a part (a local
     file is renamed into place; an object store's PUT is atomic)."""

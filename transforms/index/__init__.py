@@ -12,6 +12,8 @@ inverted lists and its re-rank codes, sorted by id64. Last, the driver merges th
 one on-disk file (`merge_ondisk`). Each table version's index has its own folder DIR/index/vN:
 index.json, faiss.index, and for ivfpq faiss.ivfdata (the lists), rerank.sq8 (the quantizer),
 rerank-NNNNN.{ids,sq8}.npy; DIR/index/index.json, written last, names the current one.
+After an incremental commit, an ivfpq index is updated rather than rebuilt (`update`): the
+new version's folder holds only a delta of added vectors and tombstones over its base's.
 """
 import importlib
 

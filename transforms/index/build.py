@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from typing import Callable, Iterator, Optional
 
 import apache_beam as beam
 import faiss
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from faiss.contrib.ondisk import merge_ondisk
 
 from transforms import outputs
@@ -19,6 +21,7 @@ from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, META_
                                     save_npy, version_dir, writable)
 from transforms.index.plan import (BATCH_ROWS, HNSW_M, Plan, Shard, choose_type, embeddings,
                                    part_vectors, plan)
+from transforms.index.update import try_update
 from transforms.store import StoreConfig
 
 SHARD_ROWS = 250_000             # vectors one worker adds (its memory: ~440 bytes each)
@@ -34,18 +37,47 @@ PipelineMaker = Callable[[], beam.Pipeline]
 def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(),
                 memory_mb: int = 1024, pipeline: Optional[PipelineMaker] = None,
                 shard_rows: int = SHARD_ROWS, table_version: Optional[int] = None,
-                keep_versions: int = 3) -> dict:
+                keep_versions: int = 3, rebuild_fraction: float = 0.0) -> dict:
     """Builds the index of DIR/chunks at `table_version` into its own folder DIR/index/vN,
     then makes it the current one (DIR/index/index.json, written last: a build that dies
     leaves the previous index current); keeps the newest `keep_versions`. Returns the meta.
 
-    `pipeline` makes the Beam pipeline that adds ivfpq shards in parallel (default: the
-    in-process FnApiRunner).
+    A current ivfpq index is updated instead (a delta and tombstones on its base,
+    `transforms.index.update`) while they stay within `rebuild_fraction` of the base; 0
+    always rebuilds. `pipeline` makes the Beam pipeline that adds ivfpq shards in parallel
+    (default: the in-process FnApiRunner).
     """
+    started = time.time()
+    root = outputs.path(output, 'index')
+    current = _current(root)
+    meta = None
+    if current and current.get('requested_type') == index_type:
+        meta = try_update(output, current, table_version, config, rebuild_fraction)
+    if meta is None:
+        meta = _build(output, root, index_type, config, memory_mb, pipeline, shard_rows,
+                      table_version)
+    meta['seconds'] = round(time.time() - started, 3)
+    outputs.write_json(outputs.path(root, meta['dir'], META_FILE), meta)
+    crash_point('index-before-switch')
+    outputs.write_json(outputs.path(root, META_FILE), meta)  # now the current index
+    prune(root, keep_versions, meta['dir'])
+    _log.info('ragbeam: index %s of %d vectors written (%s)', meta['type'], meta['count'],
+              meta['built'])
+    return meta
+
+
+def _current(root: str) -> Optional[dict]:
+    current = outputs.path(root, META_FILE)
+    return outputs.read_json(current) if FileSystems.exists(current) else None
+
+
+def _build(output: str, root: str, index_type: str, config: StoreConfig, memory_mb: int,
+           pipeline: Optional[PipelineMaker], shard_rows: int,
+           table_version: Optional[int]) -> dict:
+    """A full build: every vector of the table version."""
     chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config, table_version)
     chunk_plan = plan(chunks)
     kind = choose_type(index_type, chunk_plan.count, chunk_plan.dim, memory_mb)
-    root = outputs.path(output, 'index')
     name = version_dir(table_version)
     outputs.remove(root, [name])  # what an earlier build of this version left
     index_dir = outputs.path(root, name)
@@ -53,15 +85,10 @@ def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(
         search = _build_ivfpq(index_dir, chunks, chunk_plan, config, pipeline, shard_rows)
     else:
         search = _build_in_memory(kind, index_dir, chunk_plan, config)
-    meta = {'type': kind, 'requested_type': index_type, 'metric': 'inner_product',
+    return {'type': kind, 'requested_type': index_type, 'metric': 'inner_product',
             'dim': chunk_plan.dim, 'count': chunk_plan.count, 'model': chunk_plan.model,
-            'file': INDEX_FILE, 'search': search, 'table_version': table_version, 'dir': name}
-    outputs.write_json(outputs.path(index_dir, META_FILE), meta)
-    crash_point('index-before-switch')
-    outputs.write_json(outputs.path(root, META_FILE), meta)  # now the current index
-    prune(root, keep_versions, name)
-    _log.info('ragbeam: index %s of %d vectors written', kind, meta['count'])
-    return meta
+            'file': INDEX_FILE, 'search': search, 'table_version': table_version, 'dir': name,
+            'built': 'full'}
 
 
 def _build_in_memory(kind: str, index_dir: str, chunk_plan: Plan, config: StoreConfig) -> dict:
@@ -104,7 +131,7 @@ def _build_ivfpq(index_dir: str, chunks: outputs.ParquetFolder, chunk_plan: Plan
             _check_count(trained.ntotal, chunk_plan.count)
             with writable(outputs.path(index_dir, INDEX_FILE)) as local:
                 faiss.write_index(trained, local)
-    outputs.remove(index_dir, [TRAINED_FILE, SHARDS_DIR])
+    outputs.remove(index_dir, [SHARDS_DIR])
     return {'nprobe': IVF_NPROBE, 'k_factor': IVF_RERANK, 'codec': CODEC_FILE,
             'rerank': [_rerank_name(s.number) for s in shards]}
 

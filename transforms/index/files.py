@@ -10,6 +10,7 @@ import sys
 import tempfile
 from typing import Iterator
 
+import faiss
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
@@ -18,9 +19,12 @@ from transforms import outputs
 INDEX_FILE = 'faiss.index'
 IVF_DATA_FILE = 'faiss.ivfdata'
 CODEC_FILE = 'rerank.sq8'
-TRAINED_FILE = 'trained.index'   # staging: the empty trained index the shards start from
+TRAINED_FILE = 'trained.index'   # the empty trained index the shards start from (kept: a
+                                 # later version's update uses it to check its base is complete)
 SHARDS_DIR = 'shards'            # staging: each shard's inverted lists, merged then removed
 NPY_BLOCK_ROWS = 16384
+DELTA_FILE = 'delta.sq8'         # an updated index: the vectors added since its base
+TOMBSTONES_FILE = 'tombstones.npy'  # an updated index: its base's ids no longer in the table
 META_FILE = 'index.json'         # in each version's folder, and at DIR/index: the current one
 
 
@@ -29,27 +33,24 @@ def version_dir(table_version: int | None) -> str:
     return 'unversioned' if table_version is None else f'v{table_version:08d}'
 
 
-def children(folder: str) -> set[str]:
-    """The names directly under a folder (on object stores: the first part of each key)."""
-    if outputs.is_local(folder):
-        return set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    prefix = outputs.path(folder, '')
-    found = FileSystems.match([outputs.path(folder, '**')])[0].metadata_list
-    return {m.path[len(prefix):].split('/', 1)[0] for m in found if m.path.startswith(prefix)}
-
-
 def kept_versions(index_root: str) -> list[int]:
     """The table versions whose index is kept under DIR/index, oldest first."""
-    return sorted(int(name[1:]) for name in children(index_root)
+    return sorted(int(name[1:]) for name in outputs.children(index_root)
                   if name.startswith('v') and name[1:].isdigit())
 
 
 def prune(index_root: str, keep: int, current: str) -> None:
-    """Keeps the current index and the newest `keep` versions in all; removes the rest
-    (older versions, a layout without version folders, a dead build's half-written folder)."""
+    """Keeps the current index and the newest `keep` versions in all, and the bases they are
+    updates of; removes the rest (older versions, a layout without version folders, a dead
+    build's half-written folder)."""
     versions = [version_dir(v) for v in kept_versions(index_root)]
-    wanted = {current, META_FILE} | set(versions[-keep:] if keep else ())
-    outputs.remove(index_root, sorted(children(index_root) - wanted))
+    kept = {current} | set(versions[-keep:] if keep else ())
+    bases = set()
+    for name in kept:
+        meta_path = outputs.path(index_root, name, META_FILE)
+        if FileSystems.exists(meta_path):
+            bases.add((outputs.read_json(meta_path).get('base') or {}).get('dir', name))
+    outputs.remove(index_root, sorted(outputs.children(index_root) - kept - bases - {META_FILE}))
 
 
 @contextlib.contextmanager
@@ -99,6 +100,46 @@ def quiet_stdout() -> Iterator[None]:
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+class RerankCodes:
+    """SQ8 codes of every vector, in per-shard files sorted by id64, memory-mapped."""
+
+    def __init__(self, folder: str, codec: str, shards: list[str]):
+        self.codec = faiss.read_index(os.path.join(folder, codec))
+        self._shards = [(np.load(os.path.join(folder, f'{s}.ids.npy'), mmap_mode='r'),
+                         np.load(os.path.join(folder, f'{s}.sq8.npy'), mmap_mode='r'))
+                        for s in shards]
+
+    def top(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple:
+        """The k best candidates of each query by their decoded vectors' inner product."""
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, (query, found) in enumerate(zip(queries, candidates)):
+            found = found[found != -1]
+            codes = self.codes(found)
+            exact = self.codec.sa_decode(codes) @ query
+            best = np.argsort(-exact, kind='stable')[:k]
+            scores[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]
+        return scores, ids
+
+    def ids(self) -> np.ndarray:
+        """Every id that has codes, sorted."""
+        return np.sort(np.concatenate([np.empty(0, np.int64)] + [i for i, _ in self._shards]))
+
+    def codes(self, wanted: np.ndarray) -> np.ndarray:
+        codes = np.empty((len(wanted), self.codec.sa_code_size()), dtype=np.uint8)
+        missing = np.ones(len(wanted), dtype=bool)
+        for shard_ids, shard_codes in self._shards:
+            if not len(shard_ids):
+                continue
+            at = np.minimum(np.searchsorted(shard_ids, wanted), len(shard_ids) - 1)
+            hit = missing & (shard_ids[at] == wanted)
+            codes[hit] = shard_codes[at[hit]]
+            missing &= ~hit
+        if missing.any():
+            raise RuntimeError(f'{int(missing.sum())} ids of the index have no re-rank codes')
+        return codes
 
 
 CACHE_ENV = 'RAGBEAM_CACHE'

@@ -36,12 +36,19 @@ class IndexOptions:
         'flag': '--index-versions',
         'help': 'how many table versions keep their index under DIR/index (the newest), for '
                 'ragbeam query --as-of'})
+    rebuild_fraction: float = field(default=0.1, metadata={
+        'flag': '--index-rebuild-fraction', 'metavar': 'FRACTION',
+        'help': 'an incremental run updates an ivfpq index (adds the new vectors, masks the '
+                'removed ones) until those pass this fraction of its last full build, then '
+                'rebuilds it; 0 always rebuilds'})
 
     def validate(self) -> None:
         if self.memory_mb < 1:
             raise ValueError('--index-memory-mb must be positive')
         if self.versions < 1:
             raise ValueError('--index-versions must be at least 1 (the current index)')
+        if not 0 <= self.rebuild_fraction <= 1:
+            raise ValueError('--index-rebuild-fraction must be between 0 and 1')
 
 
 class MissingChunksError(ValueError):

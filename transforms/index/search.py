@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 
 from transforms import outputs
-from transforms.index.files import (META_FILE, cached_copy, kept_versions, quiet_stdout,
-                                    version_dir)
+from transforms.index.files import (META_FILE, RerankCodes, cached_copy, kept_versions,
+                                    quiet_stdout, version_dir)
+from transforms.index.update import load_mask
 from transforms.store import StoreConfig
 
 
@@ -46,19 +47,26 @@ class Searcher:
 
     def __init__(self, output: str, version: int | None = None):
         self.meta = index_meta(output, version)
-        index_dir = outputs.path(output, 'index', *([self.meta['dir']] if 'dir' in self.meta
-                                                    else []))
-        folder = index_dir if outputs.is_local(index_dir) else cached_copy(index_dir)
+        root = outputs.path(output, 'index')
+        own = self._folder(root, self.meta.get('dir'))
+        folder = self._folder(root, (self.meta.get('base') or {}).get('dir', self.meta.get('dir')))
         self._params = self.meta.get('search') or {}
         with quiet_stdout():
             self._index = faiss.read_index(os.path.join(folder, self.meta['file']),
                                            faiss.IO_FLAG_ONDISK_SAME_DIR)
         self._rerank = None
+        self._delta, self._mask = load_mask(own, self.meta)
         if 'nprobe' in self._params:
             faiss.extract_index_ivf(self._index).nprobe = self._params['nprobe']
-            self._rerank = _Rerank(folder, self._params['codec'], self._params['rerank'])
+            self._rerank = RerankCodes(folder, self._params['codec'], self._params['rerank'])
         if 'efSearch' in self._params:
             self._hnsw = faiss.downcast_index(self._index.index).hnsw
+
+    @staticmethod
+    def _folder(root: str, name: str | None) -> str:
+        """A local folder of the index version `name`: itself, or the cached copy of a bucket's."""
+        index_dir = outputs.path(root, name) if name else root
+        return index_dir if outputs.is_local(index_dir) else cached_copy(index_dir)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, id64s) of the k nearest chunks of each query; id -1 where there are fewer."""
@@ -67,53 +75,37 @@ class Searcher:
             self._hnsw.efSearch = max(self._params['efSearch'], k)
         if self._rerank is None:
             return self._index.search(queries, k)
-        _, candidates = self._index.search(queries, k * self._params['k_factor'])
-        return self._rerank.top(queries, candidates, k)
+        params = None
+        if self._mask is not None:
+            params = faiss.SearchParametersIVF(sel=self._mask.selector,
+                                               nprobe=self._params['nprobe'])
+        _, candidates = self._index.search(queries, k * self._params['k_factor'], params=params)
+        scores, ids = self._rerank.top(queries, candidates, k)
+        if self._delta is None or not self._delta.ntotal:
+            return scores, ids
+        added, added_ids = self._delta.search(queries, k)
+        return _merge(np.hstack([scores, added]), np.hstack([ids, added_ids]), k)
 
     def ids(self) -> np.ndarray:
         """Every id64 the index holds, sorted."""
         if self._rerank is None:
             return np.sort(faiss.vector_to_array(self._index.id_map))
         lists = faiss.extract_index_ivf(self._index).invlists
-        return np.sort(np.concatenate([np.empty(0, dtype=np.int64)] + [
+        base = np.concatenate([np.empty(0, dtype=np.int64)] + [
             faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
-            for n in range(lists.nlist) if lists.list_size(n)]))
+            for n in range(lists.nlist) if lists.list_size(n)])
+        if self._mask is not None:
+            base = base[~self._mask.hides(base)]
+        if self._delta is not None:
+            base = np.concatenate([base, faiss.vector_to_array(self._delta.id_map)])
+        return np.sort(base)
 
 
-class _Rerank:
-    """SQ8 codes of every vector, in per-shard files sorted by id64, memory-mapped."""
-
-    def __init__(self, folder: str, codec: str, shards: list[str]):
-        self._codec = faiss.read_index(os.path.join(folder, codec))
-        self._shards = [(np.load(os.path.join(folder, f'{s}.ids.npy'), mmap_mode='r'),
-                         np.load(os.path.join(folder, f'{s}.sq8.npy'), mmap_mode='r'))
-                        for s in shards]
-
-    def top(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple:
-        """The k best candidates of each query by their decoded vectors' inner product."""
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for row, (query, found) in enumerate(zip(queries, candidates)):
-            found = found[found != -1]
-            codes = self._codes(found)
-            exact = self._codec.sa_decode(codes) @ query
-            best = np.argsort(-exact, kind='stable')[:k]
-            scores[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]
-        return scores, ids
-
-    def _codes(self, wanted: np.ndarray) -> np.ndarray:
-        codes = np.empty((len(wanted), self._codec.sa_code_size()), dtype=np.uint8)
-        missing = np.ones(len(wanted), dtype=bool)
-        for shard_ids, shard_codes in self._shards:
-            if not len(shard_ids):
-                continue
-            at = np.minimum(np.searchsorted(shard_ids, wanted), len(shard_ids) - 1)
-            hit = missing & (shard_ids[at] == wanted)
-            codes[hit] = shard_codes[at[hit]]
-            missing &= ~hit
-        if missing.any():
-            raise RuntimeError(f'{int(missing.sum())} ids of the index have no re-rank codes')
-        return codes
+def _merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of (scores, ids), -1 ids last."""
+    scores = np.where(ids == -1, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 RESULT_COLUMNS = ['id64', 'chunk_id', 'uri', 'page', 'start', 'end', 'text']
