@@ -180,8 +180,9 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     write_deltalake(table, _delta_rows(vectors, ids, range(n, n + 500)), mode='append')
     moved = [i for i in range(n + 500) if i % 97 == 7]                        # new vectors
     DeltaTable(table).delete("uri = 'file:///synthetic/7.txt'")
-    rolled = np.roll(vectors, 1, axis=0)
-    write_deltalake(table, _delta_rows(rolled, ids, moved), mode='append')
+    changed = vectors.copy()  # new vectors: rows of the fixture that this table never holds
+    changed[moved] = vectors[100_000:100_000 + len(moved)]
+    write_deltalake(table, _delta_rows(changed, ids, moved), mode='append')
     version = DeltaTable(table).version()
     meta = build_index(str(tmp_path), 'ivfpq', table_version=version, rebuild_fraction=0.1,
                        keep_versions=1)
@@ -199,12 +200,12 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     scores, found = searcher.search(queries, 10)
     assert (found != -1).all() and not removed & set(found.ravel().tolist())
     # an added vector and a changed one are found by themselves, the changed one by its new value
-    new_vectors = np.stack([vectors[n + 3], rolled[moved[0]]])
+    new_vectors = np.stack([vectors[n + 3], changed[moved[0]]])
     _, top = searcher.search(new_vectors, 1)
     assert top[:, 0].tolist() == [int(ids[n + 3]), int(ids[moved[0]])]
     # recall against exact search over the live vectors
     kept = [i for i in range(n + 500) if not (i < n and i % 97 == 5)]
-    live_vectors = np.stack([rolled[i] if i % 97 == 7 else vectors[i] for i in kept])
+    live_vectors = changed[kept]
     live_ids = ids[kept]
     exact = faiss.IndexFlatIP(DIM)
     exact.add(live_vectors)

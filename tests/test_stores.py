@@ -195,3 +195,29 @@ def test_gcs_reads_are_exact_and_deleted_objects_are_not_found(gcs):
     bucket.blob('pin/a.txt').delete()
     with pytest.raises(ObjectNotFoundError):
         store.read_range(ref, 0, 10)
+
+
+def test_the_query_cache_keeps_only_the_index_versions_the_bucket_keeps(s3, tmp_path,
+                                                                        monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms import outputs
+    from transforms.index.files import cached_copy
+
+    client = s3.client()
+    client.create_bucket(Bucket='cache')
+    for version in ('v00000001', 'v00000002'):
+        client.put_object(Bucket='cache', Key=f'out/index/{version}/index.json', Body=b'{}')
+    monkeypatch.setenv('RAGBEAM_CACHE', str(tmp_path / 'cache'))
+    outputs.configure(PipelineOptions([f'--s3_endpoint_url={s3.endpoint}']))
+    try:
+        one = cached_copy('s3://cache/out/index/v00000001')
+        two = cached_copy('s3://cache/out/index/v00000002')
+        assert os.path.isfile(os.path.join(one, 'index.json')) and one != two
+        client.delete_object(Bucket='cache', Key='out/index/v00000001/index.json')  # pruned
+        client.put_object(Bucket='cache', Key='out/index/v00000003/index.json', Body=b'{}')
+        three = cached_copy('s3://cache/out/index/v00000003')
+    finally:
+        outputs.configure(PipelineOptions([]))
+    assert sorted(os.listdir(tmp_path / 'cache')) == sorted(os.path.basename(f)
+                                                            for f in (two, three))

@@ -147,15 +147,22 @@ CACHE_ENV = 'RAGBEAM_CACHE'
 
 def cached_copy(index_dir: str) -> str:
     """A local copy of a bucket's index folder under $RAGBEAM_CACHE (default ~/.cache/ragbeam),
-    fetched again only when the folder's files, sizes or times changed."""
+    fetched again only when the folder's files, sizes or times changed. A fetch also drops
+    the copies of the same output's index versions that the bucket no longer keeps."""
     files = sorted(FileSystems.match([outputs.path(index_dir, '*')])[0].metadata_list,
                    key=lambda m: m.path)
     stamp = json.dumps([(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in files])
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'ragbeam')
-    folder = os.path.join(root, 'index-' + hashlib.sha256(index_dir.encode()).hexdigest()[:16])
+    index_root, name = index_dir.rstrip('/').rsplit('/', 1)
+    prefix = 'index-' + hashlib.sha256(index_root.encode()).hexdigest()[:16] + '-'
+    folder = os.path.join(root, prefix + name)
     stamp_file = os.path.join(folder, '.stamp')
     if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
         return folder
+    kept = outputs.children(index_root)
+    for old in os.listdir(root) if os.path.isdir(root) else ():
+        if old.startswith(prefix) and old[len(prefix):] not in kept | {name}:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     os.makedirs(root, exist_ok=True)
     fresh = tempfile.mkdtemp(prefix='fetching-', dir=root)
     for m in files:
