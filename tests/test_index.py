@@ -156,9 +156,9 @@ def test_a_uri_prefix_keeps_results_to_one_object(run, request):
     assert len(hits) == 5 and {h['uri'] for h in hits} == {prefix}
 
 
-def _delta_rows(vectors: np.ndarray, ids: np.ndarray, rows) -> pa.Table:
-    """Synthetic chunk rows (object i % 97) as the sink writes them, for a Delta table."""
-    return chunk_table([Chunk(f'{ids[i]:x}', int(ids[i]), f'file:///synthetic/{i % 97}.txt', 'v',
+def _delta_rows(vectors: np.ndarray, ids: np.ndarray, rows, uri: str = '') -> pa.Table:
+    """Synthetic chunk rows (of object i % 97, or all of `uri`) as the sink writes them."""
+    return chunk_table([Chunk(f'{ids[i]:x}', int(ids[i]), uri or f'file:///synthetic/{i % 97}.txt', 'v',
                               'text', None, int(i), int(i) + 1, 'x', vectors[i].tobytes(),
                               'synthetic', 'utf-8') for i in rows], chunk_schema(DIM))
 
@@ -173,7 +173,10 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     n, table = 30_000, tmp_path / 'chunks'
     for rows in np.array_split(np.arange(n), 4):                             # v0-v3: 4 files
         write_deltalake(table, _delta_rows(vectors, ids, rows), mode='append')
-    built = build_index(str(tmp_path), 'ivfpq', table_version=3, rebuild_fraction=0.1)
+    repeated = [i for i in range(n) if i % 97 == 5][:10]  # a retried write's repeat, elsewhere
+    write_deltalake(table, _delta_rows(vectors, ids, repeated, 'file:///synthetic/again.txt'),
+                    mode='append')
+    built = build_index(str(tmp_path), 'ivfpq', table_version=4, rebuild_fraction=0.1)
     assert (built['built'], built['count']) == ('full', n)
 
     DeltaTable(table).delete("uri = 'file:///synthetic/5.txt'")             # rewrites them all
@@ -186,15 +189,15 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     version = DeltaTable(table).version()
     meta = build_index(str(tmp_path), 'ivfpq', table_version=version, rebuild_fraction=0.1,
                        keep_versions=1)
-    removed = {int(ids[i]) for i in range(n) if i % 97 == 5}
+    removed = {int(ids[i]) for i in range(n) if i % 97 == 5 and i not in repeated}
     live = sorted(set(int(i) for i in ids[:n + 500]) - removed)
-    assert meta['built'] == 'update' and meta['base'] == {'dir': 'v00000003', 'table_version': 3}
+    assert meta['built'] == 'update' and meta['base'] == {'dir': 'v00000004', 'table_version': 4}
     moved_in_base = [i for i in moved if i < n]
     assert meta['tombstones']['count'] == len(removed) + len(moved_in_base)
     assert meta['delta']['count'] == 500 + len(moved_in_base) and meta['count'] == len(live)
     # the base stays (an update stands on it) with --index-versions 1
     assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == [
-        'index.json', 'v00000003', f'v{version:08d}']
+        'index.json', 'v00000004', f'v{version:08d}']
     searcher = Searcher(str(tmp_path))
     assert searcher.ids().tolist() == live
     scores, found = searcher.search(queries, 10)
@@ -204,7 +207,7 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     _, top = searcher.search(new_vectors, 1)
     assert top[:, 0].tolist() == [int(ids[n + 3]), int(ids[moved[0]])]
     # recall against exact search over the live vectors
-    kept = [i for i in range(n + 500) if not (i < n and i % 97 == 5)]
+    kept = [i for i in range(n + 500) if int(ids[i]) not in removed]
     live_vectors = changed[kept]
     live_ids = ids[kept]
     exact = faiss.IndexFlatIP(DIM)

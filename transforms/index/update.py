@@ -144,6 +144,8 @@ def _changes(output: str, base: dict, base_dir: str, table_version: int, config:
                 vectors.append(batch_vectors[~same])
                 if sum(map(len, ids)) > limit:
                     return None
+    if len(removed):  # an id may also be in a file that stayed (a retried write's repeat)
+        seen += [_column(now, ref, 'id64') for ref in now.refs if ref.uri in before_uris]
     every = np.concatenate([np.empty(0, np.int64)] + seen)
     gone = np.intersect1d(np.setdiff1d(removed, every), base_ids)
     tombstones = np.union1d(gone, np.concatenate([np.empty(0, np.int64)] + changed))
