@@ -423,8 +423,9 @@ except CommitError as e:
 
 def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_a_fresh_run(
         s3, tmp_path):
-    """With input and output in a bucket: a run killed between its two commits (the intent
-    file in the bucket lets the next run finish the pair), a commit from a handle opened
+    """With input and output in a bucket: runs killed before the chunks commit, between the
+    two commits (the intent file in the bucket lets the next run finish the pair) and before
+    the new index is made current; a commit from a handle opened
     before another run committed (refused: delta-rs's conditional put, which moto honours as
     S3 does), and an ivfpq index updated through the bucket; the end state equals a fresh
     run's."""
@@ -441,14 +442,18 @@ def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_
         assert stale.poll() is None, stale.stderr.read()[-2000:]
         time.sleep(0.2)
     corpus.change()
-    corpus.crash('out', 'between-commits', *small)  # chunks committed, manifest not yet
+    corpus.crash('out', 'before-chunks-commit', *small)
     out = corpus.local('out')
-    assert _version(out) == 1 and _report(out)['index']['table_version'] == 0
+    assert _version(out) == 0 and _chunk_rows(out) == before
+    corpus.crash('out', 'between-commits', *small)  # chunks committed, manifest not yet
+    assert _version(corpus.local('out')) == 1
+    corpus.crash('out', 'index-before-switch', *small)  # finishes the pair, indexes, dies
+    assert _report(corpus.local('out'))['index']['table_version'] == 0
     hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
                               s3.endpoint, '--json', 'percent encoding').stdout)
     assert hits and {h['chunk_id'] for h in hits} <= {r['chunk_id'] for r in before}
     converged = corpus.run('out', *small)
-    assert 'nothing to commit, table version 1' in converged.stdout  # the pair was finished
+    assert 'nothing to commit, table version 1' in converged.stdout  # committed before
     (tmp_path / 'stale.go').touch()
     assert stale.wait(timeout=300) == 3, stale.stderr.read()[-2000:]
     assert 'another run committed' in stale.stdout.read()
