@@ -140,7 +140,7 @@ def test_ivfpq_over_a_run_meets_the_contracts(ivfpq_run):
     assert meta['dir'] == 'v00000000'
     assert meta['type'] == 'ivfpq' and sorted(p.name for p in (ivfpq_run / 'index' / meta['dir']).iterdir()) == [
         'faiss.index', 'faiss.ivfdata', 'index.json', 'rerank-00000.ids.npy',
-        'rerank-00000.sq8.npy', 'rerank.sq8', 'trained.index']
+        'rerank-00000.sq8.npy', 'rerank.sq8']
 
 
 @pytest.mark.parametrize('run', ['text_run', 'ivfpq_run'])

@@ -154,8 +154,8 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
             '--index-type', 'ivfpq')
     keys = [o['Key'] for o in s3.client().list_objects_v2(
         Bucket='results', Prefix='run1/index/')['Contents']]
-    assert 'run1/index/v00000000/faiss.ivfdata' in keys and not any('shards/' in k
-                                                                    for k in keys), keys
+    assert 'run1/index/v00000000/faiss.ivfdata' in keys and not any('shards/' in k or 'trained' in k
+                                                         for k in keys), keys
     again = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                                s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
     assert again[0]['chunk_id'] == hits[0]['chunk_id']

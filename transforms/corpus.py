@@ -289,11 +289,9 @@ def staging(table_path: str, run_id: str) -> str:
     return outputs.path(table_path, RUN_PREFIX + run_id)
 
 
-def _rel(table_path: str, file_path: str) -> str:
+def table_relpath(table_path: str, file_path: str) -> str:
+    """A file's path relative to its table, as Delta's add and remove actions name it."""
     return os.path.relpath(_normal(file_path), _normal(table_path))
-
-
-table_relpath = _rel
 
 
 def copied_files(table_path: str, storage_options: Optional[dict], since: int,
@@ -315,13 +313,13 @@ def copied_files(table_path: str, storage_options: Optional[dict], since: int,
 def _add_action(table_path: str, file_path: str, rows: int):
     from deltalake.transaction import AddAction
     size = FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
-    return AddAction(_rel(table_path, file_path), size, {}, int(time.time() * 1000), True,
+    return AddAction(table_relpath(table_path, file_path), size, {}, int(time.time() * 1000), True,
                      json.dumps({'numRecords': rows}))
 
 
 def _remove_action(table_path: str, file_path: str):
     from deltalake.transaction import RemoveAction
-    return RemoveAction(_rel(table_path, file_path), True, int(time.time() * 1000))
+    return RemoveAction(table_relpath(table_path, file_path), True, int(time.time() * 1000))
 
 
 def _files(folder: str) -> list[str]:
@@ -432,7 +430,7 @@ def remove_objects(table_path: str, storage_options: Optional[dict], folder: str
         removal.rows += len(found) - count
         if count:
             removal.adds.append(_add_action(table_path, out, count))
-            removal.copies[_rel(table_path, out)] = _rel(table_path, uri)
+            removal.copies[table_relpath(table_path, out)] = table_relpath(table_path, uri)
     return removal
 
 

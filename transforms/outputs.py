@@ -136,6 +136,8 @@ class ParquetFolder:
         else:
             found = [r for r in self._store.list(path(folder, '**')) if normal_uri(r.uri) in live]
         self.refs = sorted(found, key=lambda r: r.uri)
+        # files the table's log names that are not there (vacuumed, or deleted by hand)
+        self.missing = sorted((live or set()) - {normal_uri(r.uri) for r in found})
 
     def schema(self) -> Optional[pa.Schema]:
         return self.open(self.refs[0]).schema_arrow if self.refs else None

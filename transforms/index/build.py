@@ -131,7 +131,7 @@ def _build_ivfpq(index_dir: str, chunks: outputs.ParquetFolder, chunk_plan: Plan
             _check_count(trained.ntotal, chunk_plan.count)
             with writable(outputs.path(index_dir, INDEX_FILE)) as local:
                 faiss.write_index(trained, local)
-    outputs.remove(index_dir, [SHARDS_DIR])
+    outputs.remove(index_dir, [TRAINED_FILE, SHARDS_DIR])
     return {'nprobe': IVF_NPROBE, 'k_factor': IVF_RERANK, 'codec': CODEC_FILE,
             'rerank': [_rerank_name(s.number) for s in shards]}
 

@@ -19,8 +19,7 @@ from transforms import outputs
 INDEX_FILE = 'faiss.index'
 IVF_DATA_FILE = 'faiss.ivfdata'
 CODEC_FILE = 'rerank.sq8'
-TRAINED_FILE = 'trained.index'   # the empty trained index the shards start from (kept: a
-                                 # later version's update uses it to check its base is complete)
+TRAINED_FILE = 'trained.index'   # staging: the empty trained index the shards start from
 SHARDS_DIR = 'shards'            # staging: each shard's inverted lists, merged then removed
 NPY_BLOCK_ROWS = 16384
 DELTA_FILE = 'delta.sq8'         # an updated index: the vectors added since its base

@@ -49,7 +49,8 @@ class Searcher:
         self.meta = index_meta(output, version)
         root = outputs.path(output, 'index')
         own = self._folder(root, self.meta.get('dir'))
-        folder = self._folder(root, (self.meta.get('base') or {}).get('dir', self.meta.get('dir')))
+        base = (self.meta.get('base') or {}).get('dir')
+        folder = self._folder(root, base) if base else own
         self._params = self.meta.get('search') or {}
         with quiet_stdout():
             self._index = faiss.read_index(os.path.join(folder, self.meta['file']),

@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import corpus, outputs
-from transforms.index.files import (CODEC_FILE, DELTA_FILE, TOMBSTONES_FILE, TRAINED_FILE,
-                                    RerankCodes, local_copy, save_npy, version_dir, writable)
+from transforms.index.files import (CODEC_FILE, DELTA_FILE, TOMBSTONES_FILE, RerankCodes,
+                                    local_copy, save_npy, version_dir, writable)
 from transforms.index.plan import BATCH_ROWS, embeddings
 from transforms.store import StoreConfig
 
@@ -61,8 +61,8 @@ def try_update(output: str, current: dict, table_version: Optional[int], config:
         return None  # its own base: a rebuild of that version was asked for
     root = outputs.path(output, 'index')
     base_dir = outputs.path(root, base['dir'])
-    if not FileSystems.exists(outputs.path(base_dir, TRAINED_FILE)):
-        return None  # a base built before updates existed
+    if not FileSystems.exists(outputs.path(base_dir, CODEC_FILE)):
+        return None  # its base is gone
     update = _changes(output, base, base_dir, table_version, config, current,
                       rebuild_fraction)
     if update is None:
@@ -100,9 +100,7 @@ def _changes(output: str, base: dict, base_dir: str, table_version: int, config:
     """
     chunks_path = outputs.path(output, 'chunks')
     before = outputs.ParquetFolder(chunks_path, config, base['table_version'])
-    listed = outputs.active_files(chunks_path, config.delta_storage_options(chunks_path),
-                                  base['table_version'])
-    if listed is None or len(listed) != len(before.refs):
+    if before.missing:
         _log.info('ragbeam: files of table version %s are gone (vacuumed?); rebuilding the '
                   'index', base['table_version'])
         return None
