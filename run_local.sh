@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # ./run_local.sh        set up, ingest the bundled sample corpus, build the index, run a query
-# ./run_local.sh test   set up, then run the test suite (extra arguments go to pytest)
+# ./run_local.sh test   set up, then run the test suite (extra arguments go to pytest;
+#                       RAGBEAM_TEST_WORKERS=1 runs one test file at a time)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${RAGBEAM_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
 system_packages() {
-    # OCR (--ocr tesseract) and JBIG2 images need programs that pip cannot install.
-    command -v tesseract >/dev/null && command -v jbig2dec >/dev/null && return
+    # OCR (--ocr tesseract, English and German) and JBIG2 images need programs pip cannot install.
+    local packages="tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu jbig2dec"
+    command -v tesseract >/dev/null && command -v jbig2dec >/dev/null &&
+        tesseract --list-langs 2>/dev/null | grep -qx deu && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "run_local: installing tesseract-ocr and jbig2dec with apt-get"
-        (apt-get install -y -q tesseract-ocr jbig2dec >/dev/null 2>&1 ||
-         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tesseract-ocr jbig2dec >/dev/null 2>&1; }) ||
+        echo "run_local: installing $packages with apt-get"
+        (apt-get install -y -q $packages >/dev/null 2>&1 ||
+         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $packages >/dev/null 2>&1; }) ||
             echo "run_local: could not install tesseract-ocr; OCR stays unavailable" >&2
     else
-        echo "run_local: for OCR, install tesseract-ocr and jbig2dec (e.g. sudo apt-get install tesseract-ocr jbig2dec)" >&2
+        echo "run_local: for OCR, install $packages (e.g. sudo apt-get install $packages)" >&2
     fi
 }
 
@@ -38,7 +41,9 @@ case "${1:-sample}" in
     test)
         shift
         system_packages
-        exec "$VENV/bin/python" -m pytest -q "$@"
+        # two test files at a time (pytest-xdist), each file on one worker: most tests wait on
+        # subprocesses and servers, and a module's fixtures are then made once
+        exec "$VENV/bin/python" -m pytest -q -n "${RAGBEAM_TEST_WORKERS:-2}" --dist loadfile "$@"
         ;;
     sample)
         "$VENV/bin/ragbeam" run --input README.md --input docs --output out/sample

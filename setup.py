@@ -13,7 +13,9 @@ setup(
     install_requires=[
         'apache-beam[gcp,aws]==2.77.0',
         'pyarrow>=17',
-        'pypdf[crypto]==7.1.1',  # pinned: its text is part of chunk IDs (tests/fixtures)
+        # the PDF engines, pinned: their text is what chunk offsets index (tests/fixtures)
+        'pypdfium2==5.15.2',  # PDFium, the default engine
+        'pypdf[crypto]==7.1.1',  # the fallback engine, and --pdf-engine pypdf
         'pillow',
         'pytesseract',
         'boto3',
@@ -25,7 +27,7 @@ setup(
         'deltalake==1.6.6',
     ],
     extras_require={
-        'test': ['pytest', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
+        'test': ['pytest', 'pytest-xdist', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
                  # DuckDB reads the committed tables (its delta extension, offline)
                  'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5'],
         'bench': ['matplotlib'],

@@ -42,10 +42,11 @@ class RunPlan:
 def settings(opts: RunOptions) -> dict:
     """What enters the settings fingerprint: whatever makes the same object give other
     chunks, vectors or columns."""
-    import pypdf
+    from transforms.pdf_engines import engine_fingerprint
 
+    ocr = opts.pdf.ocr if opts.pdf.ocr == 'none' else f'{opts.pdf.ocr}-{opts.pdf.ocr_dpi}-{opts.pdf.ocr_lang}'
     return {'chunk': opts.chunker.tag(), 'embedder': EMBEDDERS[opts.embed.embedder].name,
-            'dim': opts.embed.dim, 'pdf': f'pypdf-{pypdf.__version__}', 'ocr': opts.pdf.ocr,
+            'dim': opts.embed.dim, 'pdf': engine_fingerprint(opts.pdf.engine), 'ocr': ocr,
             'entities': opts.entities.entities}
 
 
@@ -79,12 +80,14 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
     chunks_staging = corpus.staging(outputs.path(out, 'chunks'), plan.run_id)
     # Each reader's chunks are enriched, embedded and written on their own path: a Flatten
     # of them would be a fusion break that holds every chunk in memory on the FnApiRunner.
-    for name, read in reads.items():
-        _ = (read.chunks
-             | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
-             | f'Embed/{name}' >> Embed(opts.embed, watch)
-             | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
-                                              opts.embed.dim, watch))
+    for reader, read in reads.items():
+        for n, chunks in enumerate(read.chunks):
+            name = reader if n == 0 else f'{reader}{n}'
+            _ = (chunks
+                 | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
+                 | f'Embed/{name}' >> Embed(opts.embed, watch)
+                 | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
+                                                  opts.embed.dim, watch))
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
     _ = ((diff.read, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()

@@ -165,13 +165,27 @@ class RunOptions:
             self.backfill.validate()
         except ValueError as e:
             raise UsageError(str(e))
-        if self.pdf.ocr == 'tesseract' and not shutil.which('tesseract'):
-            raise UsageError('--ocr tesseract needs the tesseract program '
-                             '(Debian/Ubuntu: apt-get install tesseract-ocr) and pytesseract')
+        if self.pdf.ocr == 'tesseract':
+            _check_tesseract(self.pdf.ocr_lang)
 
     def summary(self) -> dict:
         """The options as written to report.json."""
         return asdict(self)
+
+
+def _check_tesseract(languages: str) -> None:
+    """--ocr tesseract needs the program and the --ocr-lang language packs."""
+    if not shutil.which('tesseract'):
+        raise UsageError('--ocr tesseract needs the tesseract program '
+                         '(Debian/Ubuntu: apt-get install tesseract-ocr) and pytesseract')
+    import pytesseract
+
+    have = set(pytesseract.get_languages(config=''))
+    missing = [lang for lang in languages.split('+') if lang not in have]
+    if missing:
+        raise UsageError(f"--ocr-lang {languages}: tesseract has no {', '.join(missing)} "
+                         f"(installed: {', '.join(sorted(have))}; Debian/Ubuntu: apt-get install "
+                         f"{' '.join('tesseract-ocr-' + m for m in missing)})")
 
 
 class _OneLineParser(_BeamArgumentParser):

@@ -79,14 +79,8 @@ def test_chunk_ids_and_texts_are_those_of_the_fixture(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = chunk_ids.digests(ds.dataset(tmp_path / 'out' / 'chunks'), copy)
     expected = json.loads(chunk_ids.FIXTURE.read_text())
-    unstable = {k: got.pop(k) for k in chunk_ids.UNSTABLE}
     assert {k: v for k, v in got.items() if got[k] != expected.get(k)} == {}
-    assert got.keys() | unstable.keys() == expected.keys()
-    # A known bug, open (issue 14's PDF engine work): these two PDFs' extracted text is one of
-    # two versions from run to run (same chunk count). The test pins what it can meanwhile.
-    for name, digest in unstable.items():
-        assert digest['chunks'] == expected[name]['chunks']
-        assert digest['sha256'] in chunk_ids.UNSTABLE[name], (name, digest)
+    assert got.keys() == expected.keys()
 
 
 def test_pdf_magic_in_prose_is_text_and_a_bad_pdf_header_falls_back_to_text(tmp_path):

@@ -19,7 +19,8 @@ def manifest_row(ref: ObjectRef, stats: Iterable[ObjectStats], skipped: Optional
     return ManifestRow(uri=ref.uri, size=ref.size, version=ref.version, status=status,
                        chunks=total.chunks, bytes_read=total.bytes_read, reason=reason,
                        kind=total.kind, encoding=total.encoding, errors=total.errors,
-                       pages=total.pages, ocr_needed_pages=total.ocr_needed)
+                       pages=total.pages, ocr_needed_pages=total.ocr_needed,
+                       extractor=total.extractor)
 
 
 class BuildManifest(beam.PTransform):

@@ -54,7 +54,7 @@ class ReadText(beam.PTransform):
         out = refs | 'Read' >> beam.ParDo(self._fn).with_output_types(
             Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef
         ).with_outputs(ERRORS, STATS, HANDED_OFF, main='chunks')
-        return ReadResult(out.chunks, out[ERRORS], out[STATS], out[HANDED_OFF])
+        return ReadResult((out.chunks,), out[ERRORS], out[STATS], out[HANDED_OFF])
 
 
 class ByteWindowReader:

@@ -66,6 +66,7 @@ class Chunk:
     embedding: Optional[bytes] = None   # float32, native byte order; a list column in Parquet
     model: Optional[str] = None
     encoding: Optional[str] = None
+    extractor: Optional[str] = None  # what gave a pdf page's text: pdfium-<build>, pypdf-<ver>, tesseract-<ver>
     entities: Optional[Sequence[Entity]] = None
 
 
@@ -98,6 +99,7 @@ class ObjectStats:
     encoding: Optional[str] = None
     kind: Optional[str] = None
     pages: Optional[int] = None
+    extractor: Optional[str] = None
     status: Optional[str] = None  # 'failed' or 'skipped' when the object as a whole is
     reason: Optional[str] = None
 
@@ -118,6 +120,7 @@ class ObjectStats:
             encoding=self.encoding or other.encoding,
             kind=self.kind or other.kind,
             pages=self.pages if self.pages is not None else other.pages,
+            extractor=self.extractor or other.extractor,
             status=first.status or second.status,
             reason=first.reason or second.reason)
 
@@ -139,6 +142,7 @@ class ManifestRow:
     pages: Optional[int] = None
     ocr_needed_pages: int = 0
     fingerprint: Optional[str] = None  # the settings it was read with (transforms.corpus)
+    extractor: Optional[str] = None  # the PDF engine that opened it: pdfium-<build> or pypdf-<ver>
 
 
 @record

@@ -1,0 +1,182 @@
+"""Scheduled backfills with the input and the output in one S3 bucket (moto): crashes, stale
+commits, an ivfpq index updated through the bucket, and an object that changes during its
+read. Their own file, so that `pytest -n 2 --dist loadfile` runs them beside the local
+backfill tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from tests.conftest import CORPUS, ROOT, check_output, ragbeam
+from tests.test_backfill import (FILES, _chunk_rows, _copy, _crash, _manifest_row, _report,
+                                 _top_k, _version)
+
+
+class S3Corpus:
+    """Input and output in one moto bucket (`src/`, `out`), with a local mirror of the
+    input's final state for check_output."""
+
+    def __init__(self, s3, tmp_path):
+        import uuid
+        self.s3, self.bucket = s3, f'backfill-{uuid.uuid4().hex[:8]}'
+        s3.client().create_bucket(Bucket=self.bucket)
+        self.src, self.tmp = _copy(tmp_path / 'src'), tmp_path
+        for name in FILES[:4]:
+            self.put(name)
+
+    def uri(self, name: str) -> str:
+        return f's3://{self.bucket}/{name}'
+
+    def put(self, name: str) -> None:
+        self.s3.client().put_object(Bucket=self.bucket, Key=f'src/{name}',
+                                    Body=(self.src / name).read_bytes())
+
+    def change(self) -> None:
+        """One object changed, one added, one deleted (here and in the mirror)."""
+        with open(self.src / 'rfc3986.txt', 'a') as f:
+            f.write('\nAn appendix added after the first run, about fragment identifiers.\n')
+        shutil.copy2(CORPUS / 'text' / 'pep-0263.rst', self.src / 'pep-0263.rst')
+        (self.src / 'ru-koi8-r.txt').unlink()
+        self.put('rfc3986.txt')
+        self.put('pep-0263.rst')
+        self.s3.client().delete_object(Bucket=self.bucket, Key='src/ru-koi8-r.txt')
+
+    def run(self, out: str, *extra, check=True):
+        return ragbeam('run', '--input', self.uri('src/**'), '--output', self.uri(out),
+                       '--s3-endpoint-url', self.s3.endpoint, *extra, check=check)
+
+    def crash(self, out: str, point: str, *extra) -> None:
+        _crash(self.uri('src/**'), self.uri(out), point, '--s3-endpoint-url', self.s3.endpoint,
+               *extra)
+
+    def local(self, out: str):
+        """A fresh local copy of an output (a Delta table's paths are relative)."""
+        dest = self.tmp / f'copy-{out}'
+        shutil.rmtree(dest, ignore_errors=True)
+        self.s3.download_tree(self.bucket, out, dest)
+        return dest
+
+
+STALE_COMMIT = """
+import json, os, sys, time
+from transforms.corpus import BackfillOptions, CommitError, Corpus, commit
+from transforms.store import StoreConfig
+from transforms.types import MANIFEST_SCHEMA, chunk_schema
+from pipeline.options import store_beam_args
+from apache_beam.options.pipeline_options import PipelineOptions
+from transforms import outputs
+
+output, endpoint, signal, deleted = sys.argv[1:]
+config = StoreConfig(s3_endpoint_url=endpoint)
+outputs.configure(PipelineOptions(store_beam_args(config, [])))
+stale = Corpus(output, config.delta_storage_options(output))
+open(signal + '.ready', 'w').close()
+while not os.path.exists(signal + '.go'):
+    time.sleep(0.2)
+try:
+    commit(stale, 'late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
+           {deleted: 'deleted'}, BackfillOptions(), {})
+except CommitError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_a_fresh_run(
+        s3, tmp_path):
+    """With input and output in a bucket: runs killed before the chunks commit, between the
+    two commits (the intent file in the bucket lets the next run finish the pair) and before
+    the new index is made current; a commit from a handle opened
+    before another run committed (refused: delta-rs's conditional put, which moto honours as
+    S3 does), and an ivfpq index updated through the bucket; the end state equals a fresh
+    run's."""
+    small = ('--index-type', 'ivfpq', '--chunk-size', '300', '--chunk-overlap', '30',
+             '--index-rebuild-fraction', '1')  # enough chunks to train ivfpq; always update
+    corpus = S3Corpus(s3, tmp_path)
+    corpus.run('out', *small)
+    before = _chunk_rows(corpus.local('out'))
+    signal = tmp_path / 'stale'
+    stale = subprocess.Popen([sys.executable, '-c', STALE_COMMIT, corpus.uri('out'),
+                              s3.endpoint, str(signal), corpus.uri('src/pep-0008.rst')],
+                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not os.path.exists(f'{signal}.ready'):
+        assert stale.poll() is None, stale.stderr.read()[-2000:]
+        time.sleep(0.2)
+    corpus.change()
+    corpus.crash('out', 'before-chunks-commit', *small)
+    out = corpus.local('out')
+    assert _version(out) == 0 and _chunk_rows(out) == before
+    corpus.crash('out', 'between-commits', *small)  # chunks committed, manifest not yet
+    assert _version(corpus.local('out')) == 1
+    corpus.crash('out', 'index-before-switch', *small)  # finishes the pair, indexes, dies
+    assert _report(corpus.local('out'))['index']['table_version'] == 0
+    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
+                              s3.endpoint, '--json', 'percent encoding').stdout)
+    assert hits and {h['chunk_id'] for h in hits} <= {r['chunk_id'] for r in before}
+    converged = corpus.run('out', *small)
+    assert 'nothing to commit, table version 1' in converged.stdout  # committed before
+    (tmp_path / 'stale.go').touch()
+    assert stale.wait(timeout=300) == 3, stale.stderr.read()[-2000:]
+    assert 'another run committed' in stale.stdout.read()
+    corpus.run('fresh', *small)
+    out, fresh = corpus.local('out'), corpus.local('fresh')
+    assert _version(out) == 1
+    check_output(out, '--input', corpus.src, '--chunk-size', '300', '--chunk-overlap', '30')
+    check_output(out, '--same-as', fresh)
+    index = _report(out)['index']
+    assert (index['type'], index['built'], index['table_version']) == ('ivfpq', 'update', 1)
+    assert index['count'] == _report(fresh)['index']['count']
+    assert 0 < index['delta']['count'] and 0 < index['tombstones']['count']
+    from deltalake import DeltaTable
+
+    from transforms.index import Searcher
+    table = DeltaTable(str(out / 'chunks')).to_pyarrow_table(columns=['id64', 'chunk_id'])
+    assert Searcher(str(out)).ids().tolist() == sorted(table.column('id64').to_pylist())
+    live = set(table.column('chunk_id').to_pylist())
+    assert all(len(ids) == 10 and set(ids) <= live for ids in _top_k(out, 10))
+    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
+                              s3.endpoint, '--json', '-k', '10', '--uri-prefix',
+                              corpus.uri('src/pep-0263.rst'), 'source code encoding').stdout)
+    assert len(hits) == 10 and {h['chunk_id'] for h in hits} <= live  # the new object
+    assert not json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
+                                  s3.endpoint, '--json', '--uri-prefix',
+                                  corpus.uri('src/ru-koi8-r.txt'), 'text').stdout)  # deleted
+
+
+def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_retried(
+        s3, tmp_path):
+    from tests.servers import FaultProxy
+
+    corpus = S3Corpus(s3, tmp_path)
+    corpus.run('out')
+    uri = corpus.uri('src/rfc3986.txt')
+    old = sorted(r['chunk_id'] for r in _chunk_rows(corpus.local('out')) if r['uri'] == uri)
+    first = _manifest_row(corpus.local('out'), uri)
+    with open(corpus.src / 'rfc3986.txt', 'a') as f:
+        f.write('\nA second version.\n')
+    corpus.put('rfc3986.txt')  # what the next listing sees
+    with open(corpus.src / 'rfc3986.txt', 'a') as f:
+        f.write('\nA third version, written while the second is read.\n')
+    proxy = FaultProxy(s3.port, faults=False)
+    proxy.hooks['src/rfc3986.txt'] = lambda: corpus.put('rfc3986.txt')
+    try:
+        ragbeam('run', '--input', corpus.uri('src/**'), '--output', corpus.uri('out'),
+                '--s3-endpoint-url', proxy.endpoint)
+    finally:
+        proxy.stop()
+    out = corpus.local('out')
+    assert _report(out)['run']['objects_read_failed'] == 1
+    assert sorted(r['chunk_id'] for r in _chunk_rows(out) if r['uri'] == uri) == old
+    # the manifest still describes the committed rows (the first version), errors/ the failure
+    assert _manifest_row(out, uri) == first
+    error, = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
+              for line in f.read_text().splitlines()]
+    assert (error['uri'], error['stage'], error['error_type']) == (uri, 'read',
+                                                                   'ObjectChangedError')
+    again = corpus.run('out')  # retried, and read whole this time
+    assert 'changed 1' in again.stdout and _report(corpus.local('out'))['run']['objects_read_failed'] == 0
+    check_output(corpus.local('out'), '--input', corpus.src)
