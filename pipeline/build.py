@@ -44,9 +44,10 @@ def settings(opts: RunOptions) -> dict:
     chunks, vectors or columns."""
     from transforms.pdf_engines import engine_fingerprint
 
-    ocr = opts.pdf.ocr if opts.pdf.ocr == 'none' else f'{opts.pdf.ocr}-{opts.pdf.ocr_dpi}-{opts.pdf.ocr_lang}'
+    pdf = opts.pdf
+    ocr = pdf.ocr if pdf.ocr == 'none' else f'{pdf.ocr}-{pdf.ocr_dpi}-{pdf.ocr_lang}'
     return {'chunk': opts.chunker.tag(), 'embedder': EMBEDDERS[opts.embed.embedder].name,
-            'dim': opts.embed.dim, 'pdf': engine_fingerprint(opts.pdf.engine), 'ocr': ocr,
+            'dim': opts.embed.dim, 'pdf': engine_fingerprint(pdf.engine), 'ocr': ocr,
             'entities': opts.entities.entities}
 
 

@@ -3,9 +3,9 @@
 `ReadPdfs` hides two DoFns. `OpenPdfs` opens each PDF (trailer, cross-reference table, page
 tree) to count its pages and to fail early on broken or password-protected files. It reads a
 PDF under `--pdf-min-split-bytes` whole, and of a bigger one its first `--pdf-pages-per-split`
-pages while it has the document open, and plans the rest as small `PdfRange` records. Those cross a Reshuffle, so a runner spreads one big PDF's ranges,
-and a folder's, over all its workers: the FnApiRunner, Flink and Dataflow never split a
-restriction while it runs. `ReadPdfChunks` is a splittable DoFn over one range (Prism may
+pages while it has the document open, and plans the rest as small `PdfRange` records. Those
+cross a Reshuffle, so a runner spreads one big PDF's ranges, and a folder's, over all its
+workers: the FnApiRunner, Flink and Dataflow never split a restriction while it runs. `ReadPdfChunks` is a splittable DoFn over one range (Prism may
 split it further). The engine (PDFium by default, or pypdf) runs in a child process
 (transforms.pdf_sandbox) that keeps the document open between the ranges a worker reads of
 it, so each of its bytes is read about once.
