@@ -25,12 +25,15 @@ setup(
         'numpy',
         # the corpus tables: Delta Lake through delta-rs (atomic commits, time travel)
         'deltalake==1.6.6',
+        # the lexical (BM25) index: its on-disk format is named in index.json
+        'tantivy==0.27.0',
     ],
     extras_require={
         'test': ['pytest', 'pytest-xdist', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
                  # DuckDB reads the committed tables (its delta extension, offline)
                  'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5'],
-        'bench': ['matplotlib'],
+        # bench_index compares the lexical index with bm25s (in memory, scipy sparse)
+        'bench': ['matplotlib', 'bm25s==0.3.16', 'scipy'],
         # `ragbeam report --png`
         'report': ['matplotlib'],
         # named entities (--entities spacy): spaCy and its English model, from PyPI

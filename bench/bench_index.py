@@ -1,6 +1,8 @@
-"""Index build time, size on disk, recall@10, query latency and build peak RSS per index type.
+"""Index build time, size on disk, recall@10, query latency and build peak RSS per index type;
+then the lexical index and hybrid retrieval (`--part hybrid`, below).
 
-    .venv/bin/python -m bench.bench_index [--sizes 100000,1000000] [--types flat,hnsw,ivfpq]
+    .venv/bin/python -m bench.bench_index [--part vectors,hybrid]
+                                          [--sizes 100000,1000000] [--types flat,hnsw,ivfpq]
                                           [--workers 2] [--name index]
                                           [--work /tmp/ragbeam-bench-index] [--timeout 600]
 
@@ -17,6 +19,14 @@ overwrites the index folder): the size of WORK/SIZE/index, recall@10 of
 Targets (reported, not asserted): ivfpq recall@10 >= 0.95; query p50 well under 1 s at 1M;
 peak RSS of an ivfpq build of 2M chunks <= 1.5 GB (extrapolated from the measured bytes per
 vector; the fixed part of the RSS, the interpreter and imports, is in the 100k numbers).
+
+The hybrid part (`bench.hybrid`, report NAME-hybrid.json/.png) generates, for each size, text
+objects of paragraphs drawn from the shared corpus's real words, runs `ragbeam run` over them
+(hash embedder, ivfpq, no lexical index), then builds the lexical index in a measured
+subprocess with each library (tantivy, what ragbeam ships; bm25s, the in-memory candidate),
+and times 100 queries of each mode in-process. Last, known-item recall@10 of the three modes
+on the shared text corpus with each embedder. Targets: lexical build peak RSS <= 1.5 GB and
+hybrid p50 <= 50 ms at 1M chunks.
 """
 from __future__ import annotations
 
@@ -230,7 +240,15 @@ def main() -> None:
     parser.add_argument('--name', default='index', help='report name: OUT/NAME.json and .png')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     parser.add_argument('--keep', action='store_true', help='keep the synthetic chunks')
+    parser.add_argument('--part', default='vectors,hybrid', help='vectors, hybrid or both')
+    parser.add_argument('--models', default='hash,minilm',
+                        help='embedders of the hybrid part\'s known-item recall')
     args = parser.parse_args()
+    if 'hybrid' in args.part.split(','):
+        from bench import hybrid
+        hybrid.main(args)
+    if 'vectors' not in args.part.split(','):
+        return
     sizes = [int(s) for s in args.sizes.split(',')]
     types = args.types.split(',')
     runs: list[Run] = []

@@ -68,3 +68,66 @@ def write_pdf(path: str, pages: int, image_bytes: int = 400_000, seed: int = 7) 
             f.write(b'%010d 00000 n \n' % offset)
         f.write(b'trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n'
                 % (len(offsets) + 1, xref))
+
+
+def vocabulary(paths) -> list[str]:
+    """The words of some real texts, each as often as it occurs (sampling them is Zipfian)."""
+    words = []
+    for path in paths:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            words += [w for w in f.read().split() if w.isalpha()]
+    return words
+
+
+def real_paragraph(rng: random.Random, words: list[str]) -> str:
+    sentences = []
+    for _ in range(rng.randint(2, 6)):
+        sentence = ' '.join(rng.choice(words) for _ in range(rng.randint(8, 24)))
+        sentences.append(sentence[:1].upper() + sentence[1:] + '.')
+    return ' '.join(sentences) + '\n\n'
+
+
+_NAMES = ('Berlin Lisbon Osaka Quito Lagos Perth Oslo Lima Cairo Dakar Hanoi Kyiv Minsk Porto '
+          'Ada Grace Alan Edsger Barbara Donald Frances Ken Dennis Margaret Niklaus Tony').split()
+
+
+def write_hash_adversarial(folder: str, words: list[str], files: int = 8,
+                           seed: int = 13) -> None:
+    """A corpus built to defeat feature hashing, `files` objects of each kind, ~24 KB each:
+    prose from a real vocabulary; genome-like lines of `acgt` and gaps of `n`; tables of
+    figures and of small counts; and one boilerplate paragraph repeated with a name or a
+    number changed every four to six words."""
+    import os
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    boilerplate = ('This message {} and any attachment are confidential {} and intended solely '
+                   'for the addressee {} under reference {} . If you received it {} in error '
+                   'please notify the office in {} quoting case {} and delete it {} ; the '
+                   'sender {} accepts no liability {} for changes made after dispatch on {} .'
+                   ).split()
+    for n in range(files):
+        kinds = {
+            'prose': lambda: real_paragraph(rng, words),
+            # an assembly's sequence lines, many of them gaps (runs of n): few distinct tokens
+            'genome': lambda: ''.join(('n' * 60 if rng.random() < 0.7 else
+                                       ''.join(rng.choice('acgt') for _ in range(60))) + '\n'
+                                      for _ in range(8)) + '\n',
+            # tables of figures, and of small counts (few distinct tokens)
+            'table': lambda: ''.join(
+                (f'| {rng.randint(1900, 2030)} | {rng.randint(0, 99999):,} | '
+                 f'{rng.random() * 100:.2f} | {rng.randint(0, 100)} % | '
+                 f'{rng.randint(-999, 999)} |\n') if rng.random() < 0.5 else
+                ' '.join(str(rng.randint(0, 3)) for _ in range(16)) + '\n'
+                for _ in range(6)) + '\n',
+            'boilerplate': lambda: ' '.join(
+                w if w != '{}' else rng.choice((rng.choice(_NAMES), str(rng.randint(10, 99999))))
+                for w in boilerplate) + '\n\n',
+        }
+        for kind, make in kinds.items():
+            with open(os.path.join(folder, f'{kind}-{n:02d}.txt'), 'w', encoding='utf-8') as f:
+                size = 0
+                while size < 24_000:
+                    block = make()
+                    f.write(block)
+                    size += len(block)

@@ -229,12 +229,14 @@ def _update_index(opts: RunOptions, version: int | None) -> dict | None:
     meta_path = outputs.path(opts.output, 'index', 'index.json')
     if FileSystems.exists(meta_path):
         meta = outputs.read_json(meta_path)
-        if meta.get('table_version') == version and meta.get('requested_type') == opts.index.type:
+        if (meta.get('table_version') == version and meta.get('requested_type') == opts.index.type
+                and (meta.get('lexical') or {}).get('library', 'none') == opts.index.lexical):
             _log.info('ragbeam: the index already matches table version %s', version)
             return meta
     return index.build_index(opts.output, opts.index.type, opts.store, opts.index.memory_mb,
                              lambda: make_pipeline(opts.beam_args, opts.store),
                              table_version=version, keep_versions=opts.index.versions,
+                             lexical=opts.index.lexical,
                              rebuild_fraction=0.0 if opts.backfill.full
                              else opts.index.rebuild_fraction)  # --full: from scratch
 

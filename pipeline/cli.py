@@ -68,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument('--entity', metavar='LABEL:TEXT', default=None,
                        help='only chunks that mention this named entity (runs with --entities '
                             'spacy), e.g. PERSON:Ada Lovelace, GPE:Paris')
+    query.add_argument('--mode', choices=('hybrid', 'dense', 'lexical'), default=None,
+                       help='hybrid: the vector and BM25 lists fused (the default where the '
+                            'index has its lexical side); dense: vectors only; lexical: BM25 '
+                            'only')
+    query.add_argument('--fusion', choices=('convex', 'rrf'), default='convex',
+                       help='how hybrid fuses: convex (0.6 x BM25 + 0.4 x vector score, each '
+                            'min-max scaled; the default, measured best) or rrf (reciprocal '
+                            'rank, k = 60)')
     query.add_argument('--as-of', type=int, metavar='VERSION', default=None,
                        help='search the index of an older table version (ragbeam history '
                             'lists them), if it is still kept')
@@ -120,7 +128,7 @@ def _index(args, beam_args: list[str]) -> int:
     version = Corpus(args.output, config.delta_storage_options(args.output)).version
     meta = build_index(args.output, options.type, config, options.memory_mb,
                        lambda: make_pipeline(beam_args, config), table_version=version,
-                       keep_versions=options.versions)
+                       keep_versions=options.versions, lexical=options.lexical)
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
     return 0
 
@@ -136,13 +144,16 @@ def _query(args) -> int:
         raise UsageError(str(e))
     try:
         meta = index.index_meta(args.output, args.as_of)
-    except index.NoIndexError as e:
+        mode = index.query_mode(meta, args.mode)
+    except (index.NoIndexError, ValueError) as e:
         raise UsageError(str(e))
     text = ' '.join(args.text)
-    vector = embedder_for_model(meta['model']).embed([text])[0]
+    vector = (None if mode == 'lexical'
+              else embedder_for_model(meta['model']).embed_queries([text])[0])
     try:
         results = index.query(args.output, vector, args.k, args.uri_prefix, config, entity,
-                              meta.get('table_version'))
+                              meta.get('table_version'), text=text, mode=mode,
+                              fusion=args.fusion)
     except ValueError as e:  # e.g. --entity on an output without entities
         raise UsageError(str(e))
     if args.json:
@@ -151,7 +162,10 @@ def _query(args) -> int:
     for rank, r in enumerate(results, 1):
         where = f"{r['uri']}" + (f" p.{r['page']}" if r['page'] else '') + f" [{r['start']}:{r['end']}]"
         snippet = ' '.join(r['text'].split())[:300]
-        print(f"{rank:2d}. {r['score']:.3f}  {where}\n    {snippet}")
+        lists = (' (' + ', '.join(f"{name} #{r[name + '_rank'] or '-'}"
+                                  for name in ('dense', 'lexical')) + ')'
+                 if mode == 'hybrid' else '')
+        print(f"{rank:2d}. {r['score']:.4f}{lists}  {where}\n    {snippet}")
     return 0
 
 

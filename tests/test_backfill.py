@@ -43,7 +43,7 @@ def _top_k(out, k=5):
     from transforms.index import index_meta, query
 
     embedder = embedder_for_model(index_meta(str(out))['model'])
-    return [sorted(h['chunk_id'] for h in query(str(out), embedder.embed([q])[0], k))
+    return [sorted(h['chunk_id'] for h in query(str(out), embedder.embed_queries([q])[0], k))
             for q in QUERIES]
 
 
@@ -140,7 +140,9 @@ def test_changing_the_chunk_size_rechunks_everything(tmp_path):
     _run(src, out)
     _run(src, out, '--chunk-size', '500', '--index-versions', '1')
     assert _report(out)['run']['objects_changed'] == 4
-    assert sorted(p.name for p in (out / 'index').iterdir()) == ['index.json', 'v00000001']
+    assert sorted(p.name for p in (out / 'index').iterdir()) == ['index.json', 'lexical',
+                                                                  'v00000001']
+    assert [p.name for p in (out / 'index' / 'lexical').iterdir()] == ['v00000001']
     fresh = tmp_path / 'fresh'
     _run(src, fresh, '--chunk-size', '500')
     check_output(out, '--same-as', fresh)

@@ -136,6 +136,14 @@ def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_
     from transforms.index import Searcher
     table = DeltaTable(str(out / 'chunks')).to_pyarrow_table(columns=['id64', 'chunk_id'])
     assert Searcher(str(out)).ids().tolist() == sorted(table.column('id64').to_pylist())
+    # the lexical index was updated through the bucket too: the base's segments copied
+    # within the store, the lost ids deleted, the new rows added
+    from transforms.index import LexicalSearcher
+    lexical = index['lexical']
+    assert (lexical['built'], lexical['table_version']) == ('update', 1)
+    assert lexical['deleted'] > 0 and lexical['added'] > 0
+    assert LexicalSearcher(str(out), lexical).ids().tolist() == sorted(
+        table.column('id64').to_pylist())
     live = set(table.column('chunk_id').to_pylist())
     assert all(len(ids) == 10 and set(ids) <= live for ids in _top_k(out, 10))
     hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',

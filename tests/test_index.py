@@ -101,7 +101,7 @@ def test_a_repeated_id_is_added_once(synthetic, tmp_path):
         assert np.array_equal(Searcher(str(tmp_path)).ids(), np.sort(ids[:3000]))
     # a rebuild leaves nothing of the earlier type's files (a plain Parquet folder has no
     # table versions: its index has one folder)
-    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == ['index.json', 'unversioned']
+    assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == ['index.json', 'lexical', 'unversioned']
     assert sorted(p.name for p in (tmp_path / 'index' / 'unversioned').iterdir()) == [
         'faiss.index', 'index.json']
 
@@ -197,7 +197,10 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     assert meta['delta']['count'] == 500 + len(moved_in_base) and meta['count'] == len(live)
     # the base stays (an update stands on it) with --index-versions 1
     assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == [
-        'index.json', 'v00000004', f'v{version:08d}']
+        'index.json', 'lexical', 'v00000004', f'v{version:08d}']
+    # and their lexical indexes (each one whole; the base's for --as-of)
+    assert sorted(p.name for p in (tmp_path / 'index' / 'lexical').iterdir()) == [
+        'v00000004', f'v{version:08d}']
     searcher = Searcher(str(tmp_path))
     assert searcher.ids().tolist() == live
     scores, found = searcher.search(queries, 10)
@@ -220,4 +223,5 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
                        rebuild_fraction=0.1, keep_versions=1)
     assert meta['built'] == 'full' and 'base' not in meta
     assert sorted(p.name for p in (tmp_path / 'index').iterdir()) == [
-        'index.json', f'v{DeltaTable(table).version():08d}']
+        'index.json', 'lexical', f'v{DeltaTable(table).version():08d}']
+    assert meta['lexical']['built'] == 'full'  # past the fraction too

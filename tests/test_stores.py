@@ -159,9 +159,12 @@ def test_outputs_on_s3_and_query_from_s3(s3, tmp_path):
     again = json.loads(ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url',
                                s3.endpoint, '--json', '-k', '3', 'uniform resource identifier').stdout)
     assert again[0]['chunk_id'] == hits[0]['chunk_id']
-    # queries search a local copy of the bucket's index, fetched again when it changes
-    cached, = Path(os.environ['RAGBEAM_CACHE']).iterdir()
-    assert (cached / 'faiss.ivfdata').exists()
+    # queries search a local copy of the bucket's index (and of its lexical index), fetched
+    # again when it changes
+    copies = list(Path(os.environ['RAGBEAM_CACHE']).iterdir())
+    cached, = [c for c in copies if (c / 'faiss.ivfdata').exists()]
+    lexical, = [c for c in copies if c != cached]
+    assert (lexical / 'meta.json').exists() and (lexical / 'ids.npy').exists()
     ragbeam('index', '--output', 's3://results/run1', '--s3-endpoint-url', s3.endpoint,
             '--index-type', 'flat')
     ragbeam('query', '--output', 's3://results/run1', '--s3-endpoint-url', s3.endpoint, 'URI')

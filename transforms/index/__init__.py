@@ -14,6 +14,10 @@ index.json, faiss.index, and for ivfpq faiss.ivfdata (the lists), rerank.sq8 (th
 rerank-NNNNN.{ids,sq8}.npy; DIR/index/index.json, written last, names the current one.
 After an incremental commit, an ivfpq index is updated rather than rebuilt (`update`): the
 new version's folder holds only a delta of added vectors and tombstones over its base's.
+
+Beside the vectors, a lexical BM25 index of the same table version (tantivy, `lexical`,
+terms from `tokens`) in DIR/index/lexical/vN; a query fuses the two lists by reciprocal
+rank (`search.query`, --mode hybrid|dense|lexical).
 """
 import importlib
 
@@ -22,7 +26,8 @@ from transforms.index.plan import IndexOptions, MissingChunksError, choose_type
 # FAISS (40 MB) loads with the first use of these, not with the options: a run imports it
 # only for its index step, after the pipeline
 _LAZY = {'build_index': 'build', 'Searcher': 'search', 'parse_entity': 'search',
-         'query': 'search', 'index_meta': 'search', 'NoIndexError': 'search'}
+         'query': 'search', 'index_meta': 'search', 'NoIndexError': 'search',
+         'query_mode': 'search', 'LexicalSearcher': 'lexical'}
 
 
 def __getattr__(name: str):
@@ -31,5 +36,5 @@ def __getattr__(name: str):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['IndexOptions', 'MissingChunksError', 'NoIndexError', 'Searcher', 'build_index',
-           'choose_type', 'index_meta', 'parse_entity', 'query']
+__all__ = ['IndexOptions', 'LexicalSearcher', 'MissingChunksError', 'NoIndexError', 'Searcher',
+           'build_index', 'choose_type', 'index_meta', 'parse_entity', 'query', 'query_mode']

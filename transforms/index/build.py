@@ -16,6 +16,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from transforms import outputs
 from transforms.corpus import crash_point
+from transforms.index import lexical as lexical_index
 from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, META_FILE,
                                     SHARDS_DIR, TRAINED_FILE, local_copy, prune, quiet_stdout,
                                     save_npy, version_dir, writable)
@@ -37,7 +38,8 @@ PipelineMaker = Callable[[], beam.Pipeline]
 def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(),
                 memory_mb: int = 1024, pipeline: Optional[PipelineMaker] = None,
                 shard_rows: int = SHARD_ROWS, table_version: Optional[int] = None,
-                keep_versions: int = 3, rebuild_fraction: float = 0.0) -> dict:
+                keep_versions: int = 3, rebuild_fraction: float = 0.0,
+                lexical: str = 'tantivy') -> dict:
     """Builds the index of DIR/chunks at `table_version` into its own folder DIR/index/vN,
     then makes it the current one (DIR/index/index.json, written last: a build that dies
     leaves the previous index current); keeps the newest `keep_versions`. Returns the meta.
@@ -46,6 +48,9 @@ def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(
     `transforms.index.update`) while they stay within `rebuild_fraction` of the base; 0
     always rebuilds. `pipeline` makes the Beam pipeline that adds ivfpq shards in parallel
     (default: the in-process FnApiRunner).
+
+    With `lexical` 'tantivy' the BM25 index of the same table version is built beside it
+    (`transforms.index.lexical`, updated the same way) and named in index.json's `lexical`.
     """
     started = time.time()
     root = outputs.path(output, 'index')
@@ -56,6 +61,11 @@ def build_index(output: str, index_type: str, config: StoreConfig = StoreConfig(
     if meta is None:
         meta = _build(output, root, index_type, config, memory_mb, pipeline, shard_rows,
                       table_version)
+    if lexical != 'none':
+        meta['lexical'] = lexical_index.build(output, table_version, config,
+                                              (current or {}).get('lexical'), rebuild_fraction)
+    else:
+        meta.pop('lexical', None)
     meta['seconds'] = round(time.time() - started, 3)
     outputs.write_json(outputs.path(root, meta['dir'], META_FILE), meta)
     crash_point('index-before-switch')

@@ -25,6 +25,7 @@ NPY_BLOCK_ROWS = 16384
 DELTA_FILE = 'delta.sq8'         # an updated index: the vectors added since its base
 TOMBSTONES_FILE = 'tombstones.npy'  # an updated index: its base's ids no longer in the table
 META_FILE = 'index.json'         # in each version's folder, and at DIR/index: the current one
+LEXICAL_DIR = 'lexical'          # DIR/index/lexical/vN: the lexical index of each kept version
 
 
 def version_dir(table_version: int | None) -> str:
@@ -41,7 +42,8 @@ def kept_versions(index_root: str) -> list[int]:
 def prune(index_root: str, keep: int, current: str) -> None:
     """Keeps the current index and the newest `keep` versions in all, and the bases they are
     updates of; removes the rest (older versions, a layout without version folders, a dead
-    build's half-written folder)."""
+    build's half-written folder); and the lexical indexes of the same versions (each one is
+    whole, but a kept base can be searched --as-of)."""
     versions = [version_dir(v) for v in kept_versions(index_root)]
     kept = {current} | set(versions[-keep:] if keep else ())
     bases = set()
@@ -49,7 +51,10 @@ def prune(index_root: str, keep: int, current: str) -> None:
         meta_path = outputs.path(index_root, name, META_FILE)
         if FileSystems.exists(meta_path):
             bases.add((outputs.read_json(meta_path).get('base') or {}).get('dir', name))
-    outputs.remove(index_root, sorted(outputs.children(index_root) - kept - bases - {META_FILE}))
+    outputs.remove(index_root, sorted(outputs.children(index_root) - kept - bases
+                                      - {META_FILE, LEXICAL_DIR}))
+    lexical_root = outputs.path(index_root, LEXICAL_DIR)
+    outputs.remove(lexical_root, sorted(outputs.children(lexical_root) - kept - bases))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from transforms.store import StoreConfig, store_for
 from transforms.types import ObjectRef, embedding_dim
 
 INDEX_TYPES = ('flat', 'hnsw', 'ivfpq', 'auto', 'none')
+LEXICAL_TYPES = ('tantivy', 'none')
 BATCH_ROWS = 16384
 EXACT_MAX_CHUNKS = 100_000       # auto: exact search below this
 IVF_MIN_CHUNKS = 1_000           # fewer cannot train 256-code PQ codebooks: flat instead
@@ -30,6 +31,10 @@ class IndexOptions:
         'flag': '--index-type', 'choices': INDEX_TYPES,
         'help': 'flat (exact), hnsw, ivfpq (PQ codes re-ranked with 8-bit vectors), none; '
                 'auto picks by chunk count and --index-memory-mb'})
+    lexical: str = field(default='tantivy', metadata={
+        'flag': '--lexical-index', 'choices': LEXICAL_TYPES,
+        'help': 'tantivy: a BM25 index of the chunk text beside the vectors, for ragbeam query '
+                '--mode hybrid|lexical; none: vectors only'})
     memory_mb: int = field(default=1024, metadata={
         'flag': '--index-memory-mb', 'help': 'memory budget that auto keeps the index within'})
     versions: int = field(default=3, metadata={
@@ -165,19 +170,26 @@ def _join_consecutive(parts: list[RowGroups]) -> Iterator[RowGroups]:
         yield current
 
 
-def part_vectors(part: RowGroups, config: StoreConfig, dim: int) -> Iterator[tuple]:
-    """(id64s, float32 vectors) of a part's rows, without the rows it skips."""
+def part_batches(part: RowGroups, config: StoreConfig, columns: list[str]
+                 ) -> Iterator[pa.RecordBatch]:
+    """Batches of `columns` of a part's rows, without the rows it skips."""
     parquet = outputs.open_parquet(part.ref, store_for(part.ref.uri, config))
     skip = np.asarray(part.skip, dtype=np.int64)
     offset = 0
-    for batch in outputs.row_group_batches(parquet, part.groups, ['id64', 'embedding'],
-                                           BATCH_ROWS):
+    for batch in outputs.row_group_batches(parquet, part.groups, columns, BATCH_ROWS):
         keep = np.ones(batch.num_rows, dtype=bool)
         keep[skip[(skip >= offset) & (skip < offset + batch.num_rows)] - offset] = False
         offset += batch.num_rows
-        if keep.any():
-            yield (np.ascontiguousarray(batch.column('id64').to_numpy()[keep]),
-                   embeddings(batch, dim)[keep])
+        if keep.all():
+            yield batch
+        elif keep.any():
+            yield batch.filter(pa.array(keep))
+
+
+def part_vectors(part: RowGroups, config: StoreConfig, dim: int) -> Iterator[tuple]:
+    """(id64s, float32 vectors) of a part's rows, without the rows it skips."""
+    for batch in part_batches(part, config, ['id64', 'embedding']):
+        yield np.ascontiguousarray(batch.column('id64').to_numpy()), embeddings(batch, dim)
 
 
 def embeddings(batch: pa.RecordBatch, dim: int) -> np.ndarray:
