@@ -92,6 +92,15 @@ class Latency:
     p95_ms: dict = field(default_factory=dict)
 
 
+@dataclass
+class Recall:
+    """Known-item recall@10 of one query mode, on one corpus, with one embedder."""
+    corpus: str
+    model: str
+    mode: str
+    recall_at_10: float
+
+
 def prepare(folder: Path, chunks: int, words: list[str]) -> Path:
     """Text objects of about `chunks` chunks of real words, under FOLDER/src."""
     src = folder / 'src'
@@ -292,7 +301,11 @@ def main(args) -> None:
     }
     for key, value in summary.items():
         print(f'{key}: {value}')
-    save_report(args.out, f'{args.name}-hybrid', builds + latencies, summary, _chart,
+    recalls = [Recall('dev texts', model, mode, value) for model, modes in recall.items()
+               for mode, value in modes.items()]
+    recalls += [Recall('built to defeat hashing', 'hash', mode, value)
+                for mode, value in (against_hashing.get('modes') or {}).items()]
+    save_report(args.out, f'{args.name}-hybrid', builds + latencies + recalls, summary, _chart,
                 sizes=args.sizes, object_bytes=OBJECT_BYTES, latency_queries=LATENCY_QUERIES)
 
 
@@ -303,7 +316,8 @@ def _chart(rows: list, path: str) -> None:
 
     builds = [vars(r) for r in rows if isinstance(r, Build)]
     latencies = [vars(r) for r in rows if isinstance(r, Latency)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    recalls = [r for r in rows if isinstance(r, Recall)]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for ax, metric, title in ((axes[0], 'build_seconds', 'lexical build s'),
                               (axes[1], 'peak_rss_mb', 'lexical build peak RSS MB')):
         libraries = sorted({b['library'] for b in builds})
@@ -325,6 +339,18 @@ def _chart(rows: list, path: str) -> None:
     axes[2].set_xticks(np.arange(3) + 0.2, modes)
     axes[2].set_title('query p50 ms (ids, in-process)')
     axes[2].legend(fontsize=7)
+    groups = list(dict.fromkeys((r.corpus, r.model) for r in recalls))
+    names = list(dict.fromkeys(r.mode for r in recalls))
+    width = 0.8 / max(1, len(names))
+    for j, mode in enumerate(names):
+        axes[3].bar(np.arange(len(groups)) + j * width,
+                    [next((r.recall_at_10 for r in recalls if (r.corpus, r.model) == g
+                           and r.mode == mode), 0) for g in groups], width, label=mode)
+    axes[3].set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2,
+                       [f'{c}\n{m}' for c, m in groups], fontsize=8)
+    axes[3].set_ylim(0.4, 1.1)
+    axes[3].set_title('known-item recall@10 (200 probes)')
+    axes[3].legend(fontsize=7, ncol=4, loc='upper center')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

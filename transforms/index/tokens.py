@@ -14,6 +14,8 @@
 - No stemming and no stop words: known-item and exact-phrase lookups are what the lexical
   side is for, and BM25's idf already discounts common words.
 - A term is at most MAX_TERM_CHARS characters (longer runs, such as hex dumps, are cut).
+- `words` gives these terms; `pairs` each pair of neighbouring words (`net_migration`), which
+  the lexical index keeps in a field of its own.
 """
 from __future__ import annotations
 
