@@ -6,8 +6,8 @@ import os
 import uuid
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -142,18 +142,12 @@ class ParquetFolder:
     def schema(self) -> Optional[pa.Schema]:
         return self.open(self.refs[0]).schema_arrow if self.refs else None
 
-    def rows_with(self, key: str, values: pa.Array, columns: list[str]) -> pa.Table:
-        """The rows whose `key` is in `values`: the key column of each row group is read
-        first, the other columns only of row groups that hold a match."""
-        parts = []
-        for ref in self.refs:
-            parquet = self.open(ref)
-            for group in range(parquet.num_row_groups):
-                mask = pc.is_in(parquet.read_row_group(group, columns=[key]).column(key),
-                                value_set=values)
-                if pc.any(mask).as_py():
-                    parts.append(parquet.read_row_group(group, columns=columns).filter(mask))
-        return pa.concat_tables(parts) if parts else self.schema().empty_table().select(columns)
+    def column(self, ref: ObjectRef, name: str) -> np.ndarray:
+        """One column of one of the files, read row group by row group, as a NumPy array."""
+        parquet = self.open(ref)
+        return np.concatenate([np.empty(0, np.int64)] + [
+            parquet.read_row_group(g, columns=[name]).column(name).to_numpy()
+            for g in range(parquet.num_row_groups)])
 
     def batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         for ref in self.refs:

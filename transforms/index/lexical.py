@@ -73,9 +73,7 @@ def build(output: str, table_version: Optional[int], config: StoreConfig,
         work = dest if outputs.is_local(dest) else os.path.join(tmp, name)
         os.makedirs(work, exist_ok=True)
         done = _update(work, base, chunks, rebuild_fraction, tmp) if base else None
-        if done is None:
-            shutil.rmtree(work)
-            os.makedirs(work)
+        if done is None:  # (an update that gives up does so before it writes to `work`)
             done = _full(work, chunks, config)
         ids, built, added, deleted = done
         save_npy(os.path.join(work, IDS_FILE), ids, np.arange(len(ids)))
@@ -150,7 +148,7 @@ def _update(work: str, base: str, chunks: outputs.ParquetFolder, rebuild_fractio
     those pass `rebuild_fraction` of the base."""
     with tempfile.TemporaryDirectory(prefix='ragbeam-lexical-ids-', dir=tmp) as ids_tmp:
         base_ids = np.load(local_copy(outputs.path(base, IDS_FILE), ids_tmp))
-    per_file = {ref: _ids(chunks, ref) for ref in chunks.refs}
+    per_file = {ref: chunks.column(ref, 'id64') for ref in chunks.refs}
     now = np.unique(np.concatenate([np.empty(0, np.int64)] + list(per_file.values())))
     gone, new = np.setdiff1d(base_ids, now), np.setdiff1d(now, base_ids)
     if len(gone) + len(new) > rebuild_fraction * len(base_ids):
@@ -168,13 +166,6 @@ def _update(work: str, base: str, chunks: outputs.ParquetFolder, rebuild_fractio
                 _add(writer, batch_ids, texts)
     _commit(writer)
     return now, 'update', int(len(new)), int(len(gone))
-
-
-def _ids(chunks: outputs.ParquetFolder, ref) -> np.ndarray:
-    parquet = chunks.open(ref)
-    return np.concatenate([np.empty(0, np.int64)] + [
-        parquet.read_row_group(g, columns=['id64']).column('id64').to_numpy()
-        for g in range(parquet.num_row_groups)])
 
 
 def _rows_to_add(ids: np.ndarray, new: np.ndarray, added: np.ndarray) -> np.ndarray:

@@ -204,7 +204,8 @@ class Retriever:
                entity: tuple[str, str] | None = None, fusion: str = 'convex') -> list[dict]:
         """The k best chunks ({score, chunk_id, uri, page, start, end, text, and each list's
         rank and score}): by `vector` (dense), by `text` (lexical, BM25), or both fused
-        (hybrid, `fuse`: the default when `text` is given and the index has a lexical side). Only chunks of objects whose URI starts with `uri_prefix` and, with `entity`
+        (hybrid, `fuse`: the default when `text` is given and the index has a lexical
+        side). Only chunks of objects whose URI starts with `uri_prefix` and, with `entity`
         (label, text), only chunks that mention it.
 
         Filters apply to each list before fusion; with one, more candidates are drawn until

@@ -116,12 +116,12 @@ def _changes(output: str, base: dict, base_dir: str, table_version: int, config:
         base_ids = rerank.ids()
         limit = rebuild_fraction * len(base_ids)
         removed = np.unique(np.concatenate([np.empty(0, np.int64)] + [
-            _column(before, ref, 'id64') for ref in lost]))
+            before.column(ref, 'id64') for ref in lost]))
         changed, ids, vectors, seen = [], [], [], []
         dim = current['dim']
         for ref in gained:
             if copies.get(corpus.table_relpath(chunks_path, ref.uri)) in lost_files:
-                seen.append(_column(now, ref, 'id64'))  # base rows, copied: only their ids
+                seen.append(now.column(ref, 'id64'))  # base rows, copied: only their ids
                 continue
             parquet = now.open(ref)
             for batch in outputs.row_group_batches(parquet, range(parquet.num_row_groups),
@@ -143,7 +143,7 @@ def _changes(output: str, base: dict, base_dir: str, table_version: int, config:
                 if sum(map(len, ids)) > limit:
                     return None
     if len(removed):  # an id may also be in a file that stayed (a retried write's repeat)
-        seen += [_column(now, ref, 'id64') for ref in now.refs if ref.uri in before_uris]
+        seen += [now.column(ref, 'id64') for ref in now.refs if ref.uri in before_uris]
     every = np.concatenate([np.empty(0, np.int64)] + seen)
     gone = np.intersect1d(np.setdiff1d(removed, every), base_ids)
     tombstones = np.union1d(gone, np.concatenate([np.empty(0, np.int64)] + changed))
@@ -168,13 +168,6 @@ def _base_codes(base_dir: str, current: dict, tmp: str) -> RerankCodes:
             local_copy(outputs.path(base_dir, name), tmp)
         folder = tmp
     return RerankCodes(folder, current['search']['codec'], current['search']['rerank'])
-
-
-def _column(folder: outputs.ParquetFolder, ref, column: str) -> np.ndarray:
-    parquet = folder.open(ref)
-    return np.concatenate([np.empty(0, np.int64)] + [
-        parquet.read_row_group(g, columns=[column]).column(column).to_numpy()
-        for g in range(parquet.num_row_groups)])
 
 
 def load_mask(folder: str, meta: dict):
