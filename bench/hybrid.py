@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.generate import real_paragraph, vocabulary
-from bench.known_item import probes, recall_at_10
+from bench.known_item import chunk_rows, probes, recall_at_10
 from bench.measure import run_measured, save_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,9 +41,10 @@ if library == "tantivy":
     entry = lexical.build(out, 0, StoreConfig(), None, 0.0)
     print(json.dumps({"seconds": time.time() - started, "entry": entry}))
 else:
-    import bm25s, numpy as np, pyarrow.dataset as ds
+    import bm25s, numpy as np
+    from transforms import outputs
     from transforms.index.tokens import terms
-    table = ds.dataset(out + "/chunks/").to_table(columns=["text"])
+    table = outputs.ParquetFolder(out + "/chunks").table(["text"])
     vocab, corpus = {}, []
     for batch in table.to_batches(16384):
         for text in batch.column("text").to_pylist():
@@ -145,8 +146,7 @@ def build(out: Path, library: str, timeout: int) -> Build:
 
 
 def _count(out: Path) -> int:
-    import pyarrow.dataset as ds
-    return ds.dataset(out / 'chunks' / '').count_rows() if (out / 'chunks').exists() else 0
+    return len(chunk_rows(out, ['id64'])) if (out / 'chunks').exists() else 0
 
 
 def latency(out: Path, entry: dict) -> Latency:
@@ -210,12 +210,9 @@ def pivots(out: Path, values=(0, 32, 128, 512)) -> dict:
     chunks of few distinct tokens (the adversarial corpus's genome objects) intrude in each
     top 10 of a prose or boilerplate probe."""
     import faiss
-    import pyarrow.dataset as ds
-
     from transforms.embedder import HashEmbedder
 
-    table = ds.dataset(out / 'chunks' / '').to_table(columns=['chunk_id', 'uri', 'text']
-                                                     ).to_pylist()
+    table = chunk_rows(out, ['chunk_id', 'uri', 'text'])
     kind = {r['chunk_id']: r['uri'].rsplit('/', 1)[-1].split('-')[0] for r in table}
     sample = probes(str(out), 200)
     wordy = [p for p in sample if kind[p.chunk_id] in ('prose', 'boilerplate')]

@@ -6,10 +6,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import pyarrow.dataset as ds
 
 SPAN_WORDS = 12
 MIN_WORDS = 2 * SPAN_WORDS
+
+
+def chunk_rows(output: str, columns: list[str]) -> list[dict]:
+    """The current chunk table's rows (through its Delta log, never a glob of its files)."""
+    from transforms import outputs
+
+    return outputs.ParquetFolder(outputs.path(str(output), 'chunks')).table(columns).to_pylist()
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,7 @@ class Probe:
 def probes(output: str, count: int, seed: int = 2026) -> list[Probe]:
     """`count` chunks of at least MIN_WORDS whitespace words, drawn with `seed`, and the span
     of SPAN_WORDS words from the middle of each."""
-    rows = ds.dataset(f'{output}/chunks').to_table(columns=['chunk_id', 'text']).to_pylist()
+    rows = chunk_rows(output, ['chunk_id', 'text'])
     candidates = sorted((r for r in rows if len(r['text'].split()) >= MIN_WORDS),
                         key=lambda r: r['chunk_id'])
     chosen = random.Random(seed).sample(candidates, min(count, len(candidates)))

@@ -6,11 +6,10 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 
 from bench.generate import vocabulary, write_hash_adversarial
-from bench.known_item import probes, recall_at_10
+from bench.known_item import chunk_rows, probes, recall_at_10
 from tests.conftest import CORPUS, ragbeam
 from transforms.embedder import HashEmbedder
 from transforms.index.tokens import terms
@@ -74,7 +73,7 @@ def test_short_chunks_no_longer_outscore_the_chunk_with_the_words(adversarial_ru
     boilerplate spans without the pivot (measured 0.48 a query), and never with it."""
     import faiss
 
-    rows = ds.dataset(adversarial_run / 'chunks').to_table(columns=['uri', 'text']).to_pylist()
+    rows = chunk_rows(adversarial_run, ['uri', 'text'])
     genome = np.array(['/genome-' in r['uri'] for r in rows])
     wordy = [r['text'] for r in rows if '/prose-' in r['uri'] or '/boilerplate-' in r['uri']]
     spans = [' '.join(t.split()[len(t.split()) // 2 - 6:][:12]) for t in wordy[::3]]
@@ -90,8 +89,8 @@ def test_short_chunks_no_longer_outscore_the_chunk_with_the_words(adversarial_ru
 
 
 def test_a_cjk_span_finds_its_chunk(text_run):
-    rows = [r for r in ds.dataset(text_run / 'chunks').to_table(
-        columns=['chunk_id', 'uri', 'text']).to_pylist() if r['uri'].endswith('zh-document-style-text.md')]
+    rows = [r for r in chunk_rows(text_run, ['chunk_id', 'uri', 'text'])
+            if r['uri'].endswith('zh-document-style-text.md')]
     row = max(rows, key=lambda r: len(r['text']))
     span = ''.join(row['text'].split())[200:230]  # no spaces: cut anywhere
     for mode in ('lexical', 'hybrid'):
