@@ -36,7 +36,14 @@ setup() {
     fi
 }
 
+engines() {
+    # Prism (built with go) and Flink's job server (fetched with mvn), cached once; an engine
+    # this machine cannot get is one line, not a failure: the default runner needs neither
+    "$VENV/bin/python" -m pipeline.engines
+}
+
 setup
+engines
 case "${1:-sample}" in
     test)
         shift

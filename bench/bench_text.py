@@ -10,7 +10,11 @@ writes OUT/text.json and OUT/text.png.
 
     .venv/bin/python -m bench.bench_text naive --input PATTERN --output DIR
 
-runs the naive pipeline alone.
+runs the naive pipeline alone, and
+
+    .venv/bin/python -m bench.bench_text engines [--size 1GiB]
+
+the object on each engine (the FnApiRunner, Prism, Flink where it can be had: bench.engines).
 """
 from __future__ import annotations
 
@@ -254,6 +258,17 @@ def bench(sizes: str, workdir: str, out: str) -> int:
     return 0 if summ['all_runs_ok'] else 1
 
 
+def bench_engines(size: str, workdir: str, out: str) -> int:
+    """One generated object on every engine, MB/s side by side: OUT/text-engines.json and .png."""
+    from bench import engines
+
+    os.makedirs(workdir, exist_ok=True)
+    path = input_file(workdir, size, parse_size(size))
+    tiny = input_file(workdir, '1KiB', 1024)
+    warm_cache(path)
+    return engines.bench('text-engines', f'{size} text object', path, tiny, 'MB', workdir, out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='bench.bench_text', description=__doc__.split('\n')[0])
     p.add_argument('--sizes', default='10MiB,250MiB,1GiB', help='comma-separated object sizes')
@@ -262,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default=str(REPO / 'bench' / 'results'),
                    help='folder for text.json and text.png')
     sub = p.add_subparsers(dest='command')
+    engines = sub.add_parser('engines', help='one object on each engine (bench.engines)')
+    engines.add_argument('--size', default='1GiB', help='the generated object\'s size')
     naive = sub.add_parser('naive', help='run the naive whole-file pipeline alone')
     naive.add_argument('--input', required=True, metavar='PATTERN')
     naive.add_argument('--output', required=True, metavar='DIR')
@@ -273,6 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == 'naive':
         run_naive(args.input, args.output)
         return 0
+    if args.command == 'engines':
+        return bench_engines(args.size, args.workdir, args.out)
     return bench(args.sizes, args.workdir, args.out)
 
 

@@ -14,7 +14,7 @@ import platform
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import psutil
@@ -30,29 +30,48 @@ class Measurement:
     peak_rss_mb: float
     output: str
     peak_anon_mb: float = 0.0  # RSS less file-backed pages (see the module's note)
+    peak_rss_mb_by: dict = field(default_factory=dict)  # per group of processes, with `group`
 
 
-def run_measured(cmd: list[str], interval: float = 0.05, **popen) -> Measurement:
-    """Runs `cmd`, sampling the summed RSS of the process and its descendants."""
+def run_measured(cmd: list[str], interval: float = 0.05,
+                 group: Callable[[psutil.Process], str] | None = None, **popen) -> Measurement:
+    """Runs `cmd`, sampling the summed RSS of the process and its descendants; with `group`,
+    also the peak of each group's summed RSS (Python workers apart from an engine's JVM)."""
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
     root = psutil.Process(proc.pid)
     peak = peak_anon = 0
+    peak_by: dict[str, int] = {}
     chunks = []
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
     reader.start()
     while proc.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(_rss(p) for p in tree))
+            sizes = [(p, _rss(p)) for p in tree]
+            peak = max(peak, sum(size for _, size in sizes))
             peak_anon = max(peak_anon, sum(anon_mb(p.pid) for p in tree))
+            if group is not None:
+                now: dict[str, int] = {}
+                for p, size in sizes:
+                    key = _group_of(group, p)
+                    now[key] = now.get(key, 0) + size
+                for key, size in now.items():
+                    peak_by[key] = max(peak_by.get(key, 0), size)
         except psutil.NoSuchProcess:
             pass
         time.sleep(interval)
     reader.join()
     return Measurement(proc.returncode, time.time() - started, peak / 2**20, ''.join(chunks),
-                       peak_anon)
+                       peak_anon, {k: round(v / 2**20, 1) for k, v in sorted(peak_by.items())})
+
+
+def _group_of(group: Callable[[psutil.Process], str], p: psutil.Process) -> str:
+    try:
+        return group(p)
+    except psutil.Error:
+        return 'other'
 
 
 def _rss(p: psutil.Process) -> int:

@@ -1,9 +1,11 @@
 """Pipeline construction and the driver-side steps around it: output, report, index."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -11,9 +13,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
+from pipeline import engines
 from pipeline import report as reporting
 from pipeline.monitor import RunMonitor
-from pipeline.options import RunOptions, UsageError, beam_options, store_beam_args
+from pipeline.options import (JobFailed, RunOptions, UsageError, beam_options,
+                              store_beam_args)
 from transforms import corpus, index, outputs
 from transforms.corpus import Diff
 from transforms.embed import EMBEDDERS, Embed, describe_embedder, release_embedders
@@ -105,9 +109,10 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
 def make_pipeline(beam_args: list[str], store: StoreConfig) -> beam.Pipeline:
     """A Pipeline on the requested runner; without --runner, the in-process FnApiRunner.
 
-    Beam's DirectRunner would first try to download the Prism binary, which fails offline.
+    Beam's DirectRunner would first try to download the Prism binary, which fails offline;
+    `--runner PrismRunner` and `FlinkRunner` get their binary or jar from `engines`.
     """
-    options = beam_options(store_beam_args(store, beam_args))
+    options = beam_options(engines.runner_args(store_beam_args(store, beam_args)))
     runner = None
     if options.view_as(StandardOptions).runner is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -152,13 +157,13 @@ def run(opts: RunOptions) -> dict | None:
               or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1,
               f'incremental over table version {committed.version}'
               if committed.version is not None and not opts.backfill.full else 'full run')
-    with RunMonitor() as monitor:
+    with RunMonitor() as monitor, lost_streams_in_one_line():
         result = p.run()
         if dry_run:
             _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
                          'nothing is committed')
             return None
-        result.wait_until_finish()
+        wait(result)
     release_embedders()  # models the in-process runner loaded here; the index needs none
     release_model()
     gc.collect()
@@ -199,6 +204,60 @@ def run(opts: RunOptions) -> dict | None:
     corpus.clean_staging(opts.output, storage, plan.run_id)
     outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
     return report
+
+
+def wait(result) -> None:
+    """Waits for the job; a job service that went away or a job the engine failed is a
+    JobFailed (one line). An in-process runner raises the pipeline's own exception."""
+    import grpc
+    from apache_beam.runners.portability.portable_runner import PipelineResult
+
+    try:
+        result.wait_until_finish()
+    except grpc.RpcError as e:  # the engine's process died, or its port closed
+        raise JobFailed(f'the runner\'s job service stopped answering ({e.code().name}: '
+                        f'{e.details()}); the job is lost and nothing of this run was '
+                        'committed') from None
+    except RuntimeError as e:
+        if not isinstance(result, PipelineResult):
+            raise
+        detail = str(e).strip()
+        _log.error('%s', detail)  # the engine's own account, with any worker traceback
+        raise JobFailed(f'the runner failed the job ({detail.splitlines()[0][:300]}); '
+                        'nothing of this run was committed') from None
+
+
+@contextlib.contextmanager
+def lost_streams_in_one_line():
+    """While a job runs, a thread of this process that dies of a gRPC error (the SDK's state,
+    message and worker streams, when the engine's process is gone) logs one line instead of
+    a traceback, and so does a logged exception of that kind. Left in place when the job
+    fails: its threads may end after it."""
+    import grpc
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.exc_value, grpc.RpcError):
+            code = getattr(args.exc_value, 'code', lambda: None)()
+            _log.warning('ragbeam: thread %s lost its stream to the runner (%s)',
+                         getattr(args.thread, 'name', '?'), getattr(code, 'name', code))
+        else:
+            previous(args)
+    def one_line(record: logging.LogRecord) -> bool:  # the same for logged exceptions
+        if record.exc_info and isinstance(record.exc_info[1], grpc.RpcError):
+            record.msg, record.args = f'{record.getMessage()} (lost stream to the runner)', ()
+            record.exc_info = record.exc_text = None
+        return True
+
+    handlers = logging.getLogger().handlers
+    threading.excepthook = hook
+    for h in handlers:
+        h.addFilter(one_line)
+    yield
+    threading.excepthook = previous
+    for h in handlers:
+        h.removeFilter(one_line)
 
 
 def _read_changes(folder: str):

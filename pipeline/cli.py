@@ -9,6 +9,11 @@ import os
 # of pyarrow; worker processes started from here inherit it.
 os.environ.setdefault('ARROW_DEFAULT_MEMORY_POOL', 'system')
 
+
+from transforms import heap  # noqa: E402  (before any import that allocates much)
+
+heap.bound()
+
 import argparse
 import json
 import logging
@@ -18,7 +23,7 @@ from typing import Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import (RunOptions, UsageError, add_flags, from_args, store_beam_args)
+from pipeline.options import (JobFailed, RunOptions, UsageError, add_flags, from_args, store_beam_args)
 from transforms import outputs
 from transforms.index import IndexOptions, MissingChunksError
 from transforms.listing import NoMatchError
@@ -218,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(ours).setLevel(logging.INFO)
     # "No shards found to finalize": Beam's way of saying there were no error records
     logging.getLogger('apache_beam.io.filebasedsink').setLevel(logging.ERROR)
+    # "Really destroying service ...": Beam stopping the engine process it started
+    logging.getLogger('apache_beam.utils.subprocess_server').setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     code = _main(argv)
     if 'deltalake' in sys.modules:
@@ -241,6 +248,9 @@ def _main(argv: list[str]) -> int:
     except (UsageError, NoMatchError, OutputError, MissingChunksError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f'ragbeam: error: {e}', file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `ragbeam query ... | head`
         sys.stderr.close()
         return 0

@@ -35,6 +35,10 @@ class UsageError(ValueError):
     """A mistake in the command line or the environment, reported in one line."""
 
 
+class JobFailed(RuntimeError):
+    """The runner lost the job, or reported it failed; nothing of the run was committed."""
+
+
 _UNITS = {'': 1, 'k': 1 << 10, 'kb': 1 << 10, 'kib': 1 << 10, 'm': 1 << 20, 'mb': 1 << 20,
           'mib': 1 << 20, 'g': 1 << 30, 'gb': 1 << 30, 'gib': 1 << 30}
 

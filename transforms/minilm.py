@@ -13,8 +13,6 @@ README, "Embeddings", has the measurements that chose the default.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import importlib
 import importlib.util
@@ -28,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from transforms import heap
 from transforms.embedder import Embedder
 
 RUNTIMES = ('auto', 'onnxruntime', 'numpy', 'torch')
@@ -100,7 +99,7 @@ class MiniLMEmbedder(Embedder):
         device, runtime = self.resolve(self._device, self._runtime)
         threads = self._threads or len(os.sched_getaffinity(0))
         if device == 'cpu':
-            _map_large_allocations()
+            heap.map_large_allocations()  # activations of many shapes
         self._encoder = {'onnxruntime': OnnxEncoder, 'numpy': NumpyEncoder,
                          'torch': TorchEncoder}[runtime](path, device, threads)
 
@@ -429,20 +428,3 @@ class TorchEncoder:
             weights = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             return pooled.float().cpu().numpy()
-
-
-MMAP_THRESHOLD = 4 << 20
-
-
-def _map_large_allocations() -> None:
-    """Makes glibc map every allocation of 4 MiB or more, and unmap it when freed.
-
-    Activations of forward passes of many shapes otherwise fragment the heap, which glibc
-    does not give back (a torch run over the shared corpus peaked at 833 MB, 757 MB with
-    this). Elsewhere than glibc it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops glibc raising it
-    except (OSError, AttributeError):
-        pass

@@ -34,15 +34,52 @@ _PAGE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
 
 @dataclass(frozen=True)
 class MonitorOptions:
-    """When a worker warns about its memory."""
+    """How many reads a worker process runs at once, and when it warns about its memory."""
     memory_warn_mb: int = field(default=450, metadata={
         'flag': '--memory-warn-mb',
         'help': 'a worker whose resident memory passes this logs one warning per stage, '
                 'naming the stage, the object and the RSS'})
+    reads_per_worker: int = field(default=2, metadata={
+        'flag': '--reads-per-worker',
+        'help': 'restrictions (byte or page ranges) one worker process reads at once; each '
+                'holds a read window, an embedding batch and a row group, and a runner may '
+                'send more bundles at once (Prism sends up to 8)'})
 
     def validate(self) -> None:
         if self.memory_warn_mb < 1:
             raise ValueError('--memory-warn-mb must be positive')
+        if self.reads_per_worker < 1:
+            raise ValueError('--reads-per-worker must be at least 1')
+
+
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+_HOLDER = threading.local()
+
+
+@contextlib.contextmanager
+def read_slot(slots: int) -> Iterator[None]:
+    """Holds one of the `slots` read slots of this process while a restriction is read.
+
+    Beam's Python harness runs at once every bundle a runner sends it. A thread that holds a
+    slot already (a reader whose output reaches another reader in the same fused stage)
+    takes none: the readers of one thread never wait on each other.
+    """
+    if getattr(_HOLDER, 'depth', 0):
+        _HOLDER.depth += 1
+        try:
+            yield
+        finally:
+            _HOLDER.depth -= 1
+        return
+    with _SLOTS_LOCK:
+        slot = _SLOTS.setdefault(slots, threading.BoundedSemaphore(slots))
+    with slot:
+        _HOLDER.depth = 1
+        try:
+            yield
+        finally:
+            _HOLDER.depth = 0
 
 
 def rss_mb(pid: int | str = 'self') -> float:

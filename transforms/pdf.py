@@ -27,14 +27,14 @@ from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.metrics import Metrics
 
 from transforms.chunk import ChunkerSettings, chunk_id, text_spans
-from transforms.monitor import WORK, MonitorOptions, StageMonitor
+from transforms.monitor import WORK, MonitorOptions, StageMonitor, read_slot
 from transforms.pdf_engines import ENGINES
 from transforms.pdf_sandbox import PdfError, PdfLimits, PdfSandbox
 from transforms.progress import Progress
 from transforms.ranged_file import BLOCK_BYTES, MAX_BLOCKS
 from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
-                                error_record, finish_restriction, is_blank, is_pdf_name,
-                                read_failure_reason)
+                                count_dynamic_split, error_record, finish_restriction, is_blank,
+                                is_pdf_name, read_failure_reason)
 from transforms.store import StoreConfig, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record
 
@@ -179,6 +179,7 @@ class _PdfDoFn(beam.DoFn):
         self._engine_settings = (options.limits, options.engine)
         self._read = StageMonitor('read', monitor.memory_warn_mb)
         self._child = StageMonitor('pdf_child', monitor.memory_warn_mb)
+        self._slots = monitor.reads_per_worker
         self._pages = Metrics.counter('ragbeam', 'pdf_pages')
         self._restarts = Metrics.counter('ragbeam', 'pdf_engine_restarts')
         self._tesseract: Optional[str] = None
@@ -277,6 +278,10 @@ class OpenPdfs(_PdfDoFn):
     """
 
     def process(self, ref: ObjectRef) -> Iterator:
+        with read_slot(self._slots):
+            yield from self._open_object(ref)
+
+    def _open_object(self, ref: ObjectRef) -> Iterator:
         sandbox = self._take(ref)
         before = sandbox.bytes_read
         try:
@@ -335,7 +340,12 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
         return restriction.size() * max(1, planned.ref.size // max(1, planned.pages))
 
     def process(self, planned: PdfRange, tracker=beam.DoFn.RestrictionParam()):
+        with read_slot(self._slots):
+            yield from self._read_range(planned, tracker)
+
+    def _read_range(self, planned: PdfRange, tracker) -> Iterator:
         ref = planned.ref
+        stop = tracker.current_restriction().stop
         stats = ObjectStats(kind='pdf')
         sandbox = self._take(ref)
         before = sandbox.bytes_read
@@ -356,6 +366,7 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
                     progress.update(index)
                     yield from self._page_chunks(sandbox, ref, index, extractor, stats)
                 self._pages.inc(tracker.current_restriction().stop - first)
+                count_dynamic_split(tracker, stop)
             stats.bytes_read = sandbox.bytes_read - before
             WORK.add(bytes_read=stats.bytes_read,
                      objects_done=int(tracker.current_restriction().stop >= planned.pages))

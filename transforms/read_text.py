@@ -11,11 +11,11 @@ from apache_beam.metrics import Metrics
 
 from transforms.chunk import ChunkerSettings, ChunkRule, chunk_id
 from transforms.decode import DETECT_BYTES, TextEncoding, UndecodableError, detect_encoding
-from transforms.monitor import WORK, MonitorOptions, StageMonitor
+from transforms.monitor import WORK, MonitorOptions, StageMonitor, read_slot
 from transforms.progress import Progress
 from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, ReadResult,
-                                error_record, finish_restriction, has_pdf_header, is_blank,
-                                read_failure_reason)
+                                count_dynamic_split, error_record, finish_restriction,
+                                has_pdf_header, is_blank, read_failure_reason)
 from transforms.store import StoreConfig, StoreError, store_for
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
 
@@ -124,6 +124,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         self._bytes_read = Metrics.counter('ragbeam', 'bytes_read')
         self._chunks = Metrics.counter('ragbeam', 'chunks')
         self._monitor = StageMonitor('read', monitor.memory_warn_mb)
+        self._slots = monitor.reads_per_worker
 
     # RestrictionProvider: the restriction is a byte range of the object.
     def initial_restriction(self, ref: ObjectRef) -> OffsetRange:
@@ -133,6 +134,10 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         return restriction.size()
 
     def process(self, ref: ObjectRef, tracker=beam.DoFn.RestrictionParam()):
+        with read_slot(self._slots):
+            yield from self._read_restriction(ref, tracker)
+
+    def _read_restriction(self, ref: ObjectRef, tracker) -> Iterator:
         rng = tracker.current_restriction()
         owns_head = rng.start == 0
         store = store_for(ref.uri, self._store_config)
@@ -167,6 +172,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         self._bytes_read.inc(stats.bytes_read)
         self._chunks.inc(stats.chunks)
         self._monitor.sample(ref.uri)
+        count_dynamic_split(tracker, rng.stop)
         WORK.add(bytes_read=stats.bytes_read,
                  objects_done=int(tracker.current_restriction().stop >= ref.size
                                   and stats.kind is not None))

@@ -7,6 +7,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 
 from transforms.store import ObjectChangedError, ObjectNotFoundError
@@ -14,6 +15,7 @@ from transforms.types import ErrorRecord, ObjectRef
 
 ERRORS = 'errors'
 STATS = 'stats'
+DYNAMIC_SPLITS = Metrics.counter('ragbeam', 'dynamic_splits')
 HANDED_OFF = 'handed_off'
 
 # A PDF's header is its first line; readers accept up to 1 KB of junk before it, so it may
@@ -57,6 +59,13 @@ class OffsetRangeSplits(RestrictionProvider):
 
     def split(self, element, restriction: OffsetRange) -> Iterator[OffsetRange]:
         return restriction.split(self.split_size)
+
+
+def count_dynamic_split(tracker, stop: int) -> None:
+    """Counts a restriction that the runner split while it ran: its stop moved below the
+    `stop` it started with (Prism does this; the FnApiRunner and Flink here never do)."""
+    if tracker.current_restriction().stop < stop:
+        DYNAMIC_SPLITS.inc()
 
 
 def finish_restriction(tracker) -> None:

@@ -1,0 +1,176 @@
+"""ragbeam on each engine, side by side in one run: the in-process FnApiRunner, Prism, and
+Flink embedded where its job server can be had (`pipeline.engines` says why not).
+
+Used by `bench.bench_text engines` (one generated text object: MB/s) and
+`bench.bench_pdf engines` (a PDF folder: pages/s). On every engine the same `ragbeam run
+--embedder hash --index-type none` is a measured subprocess; its process tree's RSS is summed
+per group: the Python processes (driver, LOOPBACK worker, PDF children), Prism's Go process,
+a JVM. Start-up is the wall time of the same command on a tiny input on that engine; the
+rate divides by the wall time less it. Bytes read and dynamic splits come from report.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from bench.measure import run_measured, save_figure, save_report
+from pipeline import engines
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+ENGINES = {
+    'fnapi': (),
+    'prism': ('--runner', 'PrismRunner'),
+    'flink-embedded': ('--runner', 'FlinkRunner', '--flink_master', '[local]',
+                       '--parallelism', '2', '--environment_type', 'LOOPBACK'),
+}
+
+
+@dataclass
+class EngineRun:
+    """One engine's measured run on one input (or why it could not run)."""
+    engine: str
+    input: str
+    returncode: Optional[int]
+    wall_seconds: float = 0.0
+    startup_seconds: float = 0.0
+    units: float = 0.0  # MB listed, or pages extracted
+    unit: str = 'MB'
+    rate: float = 0.0  # units per second of wall time less start-up
+    python_peak_rss_mb: float = 0.0
+    engine_peak_rss_mb: Optional[float] = None  # Prism's Go process or the JVM
+    bytes_listed: int = 0
+    bytes_read: int = 0
+    chunks: int = 0
+    dynamic_splits: int = 0
+    unavailable: Optional[str] = None
+
+
+def unavailable(engine: str) -> Optional[str]:
+    """Why `engine` cannot run on this machine, or None."""
+    try:
+        if engine == 'prism':
+            engines.prism_binary()
+        elif engine.startswith('flink'):
+            engines.flink_job_server_jar(engines.default_flink_version())
+    except engines.UsageError as e:
+        return str(e)
+    return None
+
+
+def process_group(p) -> str:
+    name = p.name()
+    if name.startswith('prism'):
+        return 'engine'
+    if name.startswith('java'):
+        return 'engine'
+    return 'python'
+
+
+def run_once(engine: str, path: str, workdir: str, extra=()):
+    """(Measurement, report.json) of `ragbeam run` on `path` on `engine`."""
+    out = os.path.join(workdir, f'out-{engine}')
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, '-m', 'pipeline', 'run', '--input', path, '--output', out,
+           '--embedder', 'hash', '--index-type', 'none', *extra, *ENGINES[engine]]
+    m = run_measured(cmd, group=process_group, cwd=REPO)
+    report = {}
+    if m.returncode == 0:
+        with open(os.path.join(out, 'report.json')) as f:
+            report = json.load(f)
+    else:
+        print(f'{engine} on {path} exited with {m.returncode}:\n{m.output[-3000:]}', flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return m, report
+
+
+def measure(engine: str, label: str, path: str, tiny: str, unit: str, workdir: str,
+            extra=()) -> EngineRun:
+    """One engine on `path`, with its start-up measured on `tiny`."""
+    why = unavailable(engine)
+    if why:
+        print(f'{engine}: not run: {why}', flush=True)
+        return EngineRun(engine, label, None, unit=unit, unavailable=why)
+    startup, _ = run_once(engine, tiny, workdir, extra)
+    m, report = run_once(engine, path, workdir, extra)
+    counters = report.get('counters', {})
+    units = (report.get('bytes_listed', 0) / MB if unit == 'MB'
+             else counters.get('pdf_pages', 0))
+    busy = max(0.01, m.wall_seconds - startup.wall_seconds)
+    return EngineRun(engine, label, m.returncode, round(m.wall_seconds, 2),
+                     round(startup.wall_seconds, 2), round(units, 1), unit,
+                     round(units / busy, 2), m.peak_rss_mb_by.get('python', 0.0),
+                     m.peak_rss_mb_by.get('engine'), report.get('bytes_listed', 0),
+                     report.get('bytes_read', 0), report.get('chunks', 0),
+                     counters.get('dynamic_splits', 0))
+
+
+def summary(runs: list[EngineRun]) -> dict:
+    base = next((r for r in runs if r.engine == 'fnapi' and r.returncode == 0), None)
+    out = {'all_runs_ok': all(r.returncode in (0, None) for r in runs),
+           'not_run': {r.engine: r.unavailable for r in runs if r.unavailable}}
+    for r in runs:
+        if base and r.returncode == 0:
+            out[r.engine] = {'rate_over_fnapi': round(r.rate / base.rate, 3),
+                             'chunks_equal_fnapi': r.chunks == base.chunks,
+                             'python_rss_within_512_mb': r.python_peak_rss_mb <= 512}
+    return out
+
+
+def markdown(runs: list[EngineRun]) -> str:
+    """The README table."""
+    unit = runs[0].unit
+    lines = [f'| engine | {unit}/s | wall s | start-up s | Python peak RSS MB | engine RSS MB '
+             '| bytes read / listed | dynamic splits |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in runs:
+        if r.unavailable:
+            lines.append(f'| {r.engine} | not run: job server not available | | | | | | |')
+            continue
+        ratio = r.bytes_read / r.bytes_listed if r.bytes_listed else 0
+        engine_rss = '-' if r.engine_peak_rss_mb is None else f'{r.engine_peak_rss_mb:.0f}'
+        lines.append(f'| {r.engine} | {r.rate:.2f} | {r.wall_seconds:.1f} | '
+                     f'{r.startup_seconds:.1f} | {r.python_peak_rss_mb:.0f} | {engine_rss} | '
+                     f'{ratio:.2f} | {r.dynamic_splits} |')
+    return '\n'.join(lines)
+
+
+def chart(runs: list[EngineRun], path: str) -> None:
+    """Four panels, one bar per engine: rate, Python RSS, engine RSS, start-up."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in runs if r.returncode == 0]
+    names = [r.engine for r in ran]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
+    panels = ((f'{runs[0].unit}/s (less start-up)', lambda r: r.rate),
+              ('Python peak RSS MB', lambda r: r.python_peak_rss_mb),
+              ('engine process peak RSS MB', lambda r: r.engine_peak_rss_mb or 0),
+              ('start-up s', lambda r: r.startup_seconds))
+    for ax, (title, value) in zip(axes, panels):
+        bars = ax.bar(names, [value(r) for r in ran], color=['C0', 'C1', 'C2'][:len(ran)])
+        ax.bar_label(bars, fmt='%.1f', fontsize=8)
+        ax.set_title(title)
+    axes[1].axhline(512, color='grey', linestyle='--', linewidth=1)
+    skipped = ', '.join(r.engine for r in runs if r.unavailable)
+    save_figure(fig, path, f'ragbeam on each engine: {runs[0].input}'
+                + (f' (not run: {skipped})' if skipped else ''))
+
+
+def bench(name: str, label: str, path: str, tiny: str, unit: str, workdir: str, out: str,
+          extra=()) -> int:
+    """Every engine on `path`; prints the table, writes OUT/NAME.json and .png."""
+    os.makedirs(workdir, exist_ok=True)
+    runs = []
+    for engine in ENGINES:
+        print(f'{label}: {engine} ...', flush=True)
+        runs.append(measure(engine, label, path, tiny, unit, workdir, extra))
+    summ = summary(runs)
+    print('\n' + markdown(runs))
+    save_report(out, name, runs, summ, chart)
+    return 0 if summ['all_runs_ok'] else 1

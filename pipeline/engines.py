@@ -1,0 +1,173 @@
+"""The programs behind the portable runners: Prism's binary and Flink's job-server jar.
+
+`--runner PrismRunner` without `--prism_location` and `--runner FlinkRunner` without
+`--flink_job_server_jar` take them from ragbeam's engine cache ($RAGBEAM_ENGINE_CACHE, default
+~/.cache/ragbeam/engines) or from Maven's ~/.m2. A missing one is built with `go` or fetched
+with `mvn` once, when that tool is on the PATH; otherwise the error is one line naming the
+command to run. Beam's own fallback, a download from GitHub or the Beam site, does not work
+offline. `python -m pipeline.engines` warms the cache (./run_local.sh calls it).
+
+Both must be of the SDK's own Beam version: Beam promises no compatibility between an SDK
+and a job server of another version.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from apache_beam.version import __version__ as BEAM_VERSION
+
+from pipeline.options import UsageError
+
+_log = logging.getLogger(__name__)
+
+CACHE_ENV = 'RAGBEAM_ENGINE_CACHE'
+PRISM_PACKAGE = 'github.com/apache/beam/sdks/v2/go/cmd/prism'
+# The JVM flags Beam's own Flink tests give the job server on Java 17.
+FLINK_JVM_PROPERTIES = ('--add-opens=java.base/java.lang=ALL-UNNAMED',
+                        '--add-opens=java.base/java.nio=ALL-UNNAMED',
+                        '--add-opens=java.base/java.util=ALL-UNNAMED')
+_BUILD_SECONDS = 900
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV)
+                or Path.home() / '.cache' / 'ragbeam' / 'engines')
+
+
+def prism_path() -> Path:
+    """Where the Prism binary of this Beam version lives in the engine cache."""
+    return cache_root() / 'prism' / BEAM_VERSION / 'prism'
+
+
+def prism_binary() -> str:
+    """The Prism binary of the SDK's Beam version, built with `go install` the first time."""
+    path = prism_path()
+    if path.is_file():
+        return str(path)
+    command = f'go install {PRISM_PACKAGE}@v{BEAM_VERSION}'
+    go = shutil.which('go')
+    if go is None:
+        raise UsageError(f'--runner PrismRunner needs the Prism binary of Beam {BEAM_VERSION}: '
+                         f'install Go and run `python -m pipeline.engines` (it runs `{command}`), '
+                         'or pass --prism_location')
+    print(f'ragbeam: building Prism {BEAM_VERSION} with `{command}` into {path.parent} '
+          '(once; about two minutes)', file=sys.stderr, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as bin_dir:
+        env = dict(os.environ, GOBIN=bin_dir, GOFLAGS='-mod=mod')
+        proc = _run([go, 'install', f'{PRISM_PACKAGE}@v{BEAM_VERSION}'], env)
+        built = Path(bin_dir) / 'prism'
+        if proc.returncode != 0 or not built.is_file():
+            raise UsageError(f'`{command}` failed: {_last_line(proc.stdout)}')
+        os.replace(built, path)  # atomic: a concurrent build finds a whole binary or none
+    return str(path)
+
+
+def flink_artifact(flink_version: str) -> str:
+    """The Maven coordinates of the job server for one Flink minor version."""
+    return f'org.apache.beam:beam-runners-flink-{flink_version}-job-server:{BEAM_VERSION}'
+
+
+def flink_jar_path(flink_version: str) -> Path:
+    name = f'beam-runners-flink-{flink_version}-job-server'
+    return (Path.home() / '.m2' / 'repository' / 'org' / 'apache' / 'beam' / name / BEAM_VERSION
+            / f'{name}-{BEAM_VERSION}.jar')
+
+
+def flink_job_server_jar(flink_version: str) -> str:
+    """The Flink job-server jar of the SDK's Beam version from ~/.m2, fetched with
+    `mvn dependency:get` the first time."""
+    path = flink_jar_path(flink_version)
+    if path.is_file():
+        return str(path)
+    artifact = flink_artifact(flink_version)
+    command = f'mvn dependency:get -Dartifact={artifact} -Dtransitive=false'
+    mvn = shutil.which('mvn')
+    if mvn is None:
+        raise UsageError(f'--runner FlinkRunner needs the job server {artifact}: install Maven '
+                         f'and run `{command}`, or pass --flink_job_server_jar')
+    if shutil.which('java') is None:
+        raise UsageError('--runner FlinkRunner needs Java 17 (java is not on the PATH)')
+    print(f'ragbeam: fetching {artifact} with Maven (once)', file=sys.stderr, flush=True)
+    proc = _run([mvn, '-B', '-q', 'dependency:get', f'-Dartifact={artifact}',
+                 '-Dtransitive=false'], None)
+    if proc.returncode != 0 or not path.is_file():
+        raise UsageError(f'the Flink job server {artifact} is not in ~/.m2 and `{command}` could '
+                         f'not fetch it ({_maven_reason(proc.stdout)}); pass '
+                         '--flink_job_server_jar, or use --flink_version for another Flink')
+    return str(path)
+
+
+def runner_args(args: list[str]) -> list[str]:
+    """Beam args with the Prism binary or Flink job server filled in when the runner needs
+    one and none is given."""
+    runner = _flag_value(args, '--runner')
+    if runner in ('PrismRunner', 'prism') and _flag_value(args, '--prism_location') is None:
+        return args + [f'--prism_location={prism_binary()}']
+    if runner in ('FlinkRunner', 'flink'):
+        extra = []
+        if _flag_value(args, '--flink_job_server_jar') is None:
+            version = _flag_value(args, '--flink_version') or default_flink_version()
+            extra.append(f'--flink_job_server_jar={flink_job_server_jar(version)}')
+        if _flag_value(args, '--job_server_jvm_property') is None and \
+                _flag_value(args, '--job_server_jvm_properties') is None:
+            extra += [f'--job_server_jvm_property={p}' for p in FLINK_JVM_PROPERTIES]
+        return args + extra
+    return args
+
+
+def default_flink_version() -> str:
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+    return FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS[-1]
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + '='):
+            return a[len(flag) + 1:]
+    return None
+
+
+def _run(cmd: list[str], env) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=_BUILD_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f'`{" ".join(cmd[:3])}` did not finish in {_BUILD_SECONDS} s')
+
+
+def _last_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else 'no output'
+
+
+def _maven_reason(output: str) -> str:
+    for line in output.splitlines():
+        if 'Could not find artifact' in line or 'was not found' in line:
+            return 'the repository does not serve it'
+    return _last_line(output).removeprefix('[ERROR] ')[:300]
+
+
+def warm() -> int:
+    """Builds or fetches what this machine's toolchain allows; one line for each engine."""
+    logging.basicConfig(level=logging.WARNING)
+    for name, get in (('Prism', prism_binary), ('Flink job server',
+                                                lambda: flink_job_server_jar(
+                                                    default_flink_version()))):
+        try:
+            print(f'ragbeam engines: {name}: {get()}', file=sys.stderr)
+        except UsageError as e:
+            print(f'ragbeam engines: {name} unavailable: {e}', file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(warm())
