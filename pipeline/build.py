@@ -240,8 +240,10 @@ def lost_streams_in_one_line():
     def hook(args):
         if isinstance(args.exc_value, grpc.RpcError):
             code = getattr(args.exc_value, 'code', lambda: None)()
-            _log.warning('ragbeam: thread %s lost its stream to the runner (%s)',
-                         getattr(args.thread, 'name', '?'), getattr(code, 'name', code))
+            # CANCELLED: the engine closed the stream at the job's end, as it does
+            _log.log(logging.DEBUG if code == grpc.StatusCode.CANCELLED else logging.WARNING,
+                     'ragbeam: thread %s lost its stream to the runner (%s)',
+                     getattr(args.thread, 'name', '?'), getattr(code, 'name', code))
         else:
             previous(args)
     def one_line(record: logging.LogRecord) -> bool:  # the same for logged exceptions

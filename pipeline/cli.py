@@ -231,6 +231,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # delta-rs's runtime threads can abort the interpreter's teardown ("terminate called
         # without an active exception", delta-io/delta-rs#2184) after the work is done and
         # committed: leave without the teardown, once everything is flushed.
+        # os._exit skips the atexit handlers, among them Beam's stop of the engine process
+        # it started (Prism, a Flink job server): run them first, or each run leaves one.
+        import atexit
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
