@@ -215,8 +215,9 @@ def wait(result) -> None:
     try:
         result.wait_until_finish()
     except grpc.RpcError as e:  # the engine's process died, or its port closed
-        raise JobFailed(f'the runner\'s job service stopped answering ({e.code().name}: '
-                        f'{e.details()}); the job is lost and nothing of this run was '
+        details = getattr(e, 'details', lambda: None)() or 'no details'
+        raise JobFailed(f'the runner\'s job service stopped answering ({_rpc_code(e)}: '
+                        f'{details}); the job is lost and nothing of this run was '
                         'committed') from None
     except RuntimeError as e:
         if not isinstance(result, PipelineResult):
@@ -239,13 +240,14 @@ def lost_streams_in_one_line():
 
     def hook(args):
         if isinstance(args.exc_value, grpc.RpcError):
-            code = getattr(args.exc_value, 'code', lambda: None)()
+            code = _rpc_code(args.exc_value)
             # CANCELLED: the engine closed the stream at the job's end, as it does
-            _log.log(logging.DEBUG if code == grpc.StatusCode.CANCELLED else logging.WARNING,
+            _log.log(logging.DEBUG if code == 'CANCELLED' else logging.WARNING,
                      'ragbeam: thread %s lost its stream to the runner (%s)',
-                     getattr(args.thread, 'name', '?'), getattr(code, 'name', code))
+                     getattr(args.thread, 'name', '?'), code)
         else:
             previous(args)
+
     def one_line(record: logging.LogRecord) -> bool:  # the same for logged exceptions
         if record.exc_info and isinstance(record.exc_info[1], grpc.RpcError):
             record.msg, record.args = f'{record.getMessage()} (lost stream to the runner)', ()
@@ -260,6 +262,12 @@ def lost_streams_in_one_line():
     threading.excepthook = previous
     for h in handlers:
         h.removeFilter(one_line)
+
+
+def _rpc_code(error) -> str:
+    """The status code's name of a gRPC error (not every RpcError carries one)."""
+    code = getattr(error, 'code', lambda: None)()
+    return getattr(code, 'name', str(code))
 
 
 def _read_changes(folder: str):

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import (JobFailed, RunOptions, UsageError, add_flags, from_args, store_beam_args)
+from pipeline.options import (JobFailed, RunOptions, UsageError, add_flags, from_args,
+                              store_beam_args)
 from transforms import outputs
 from transforms.index import IndexOptions, MissingChunksError
 from transforms.listing import NoMatchError

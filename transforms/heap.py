@@ -15,8 +15,9 @@ ARENAS = 2
 worker, and a 1 GiB text peaked at 531 MB of Python RSS with glibc's default, 457 MB with 2."""
 MMAP_THRESHOLD = 4 << 20
 """Allocations of this size or more are mapped, and unmapped when freed, whatever was freed
-before: a 1 GiB text on the FnApiRunner peaked at 428 MB with glibc's moving threshold, 350 MB
-with this; a torch minilm run over the shared corpus at 833 MB, 757 MB with it."""
+before: a 1 GiB text on the FnApiRunner peaked at 428 MB with glibc's moving threshold, 408 MB
+with this (`bench.bench_text engines`); a torch minilm run over the shared corpus at 833 MB,
+757 MB with it."""
 
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8

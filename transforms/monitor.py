@@ -65,21 +65,17 @@ def read_slot(slots: int) -> Iterator[None]:
     slot already (a reader whose output reaches another reader in the same fused stage)
     takes none: the readers of one thread never wait on each other.
     """
-    if getattr(_HOLDER, 'depth', 0):
-        _HOLDER.depth += 1
-        try:
-            yield
-        finally:
-            _HOLDER.depth -= 1
-        return
-    with _SLOTS_LOCK:
-        slot = _SLOTS.setdefault(slots, threading.BoundedSemaphore(slots))
+    depth = getattr(_HOLDER, 'depth', 0)
+    slot = contextlib.nullcontext()
+    if not depth:
+        with _SLOTS_LOCK:
+            slot = _SLOTS.setdefault(slots, threading.BoundedSemaphore(slots))
     with slot:
-        _HOLDER.depth = 1
+        _HOLDER.depth = depth + 1
         try:
             yield
         finally:
-            _HOLDER.depth = 0
+            _HOLDER.depth = depth
 
 
 def rss_mb(pid: int | str = 'self') -> float:
