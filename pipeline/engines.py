@@ -2,9 +2,9 @@
 
 `--runner PrismRunner` without `--prism_location` and `--runner FlinkRunner` without
 `--flink_job_server_jar` take them from ragbeam's engine cache ($RAGBEAM_ENGINE_CACHE, default
-~/.cache/ragbeam/engines) or from Maven's ~/.m2. A missing one is built with `go` or fetched
-with `mvn` once, when that tool is on the PATH; otherwise the error is one line naming the
-command to run. Beam's own fallback, a download from GitHub or the Beam site, does not work
+~/.cache/ragbeam/engines) or from Maven's ~/.m2. A missing one is built with `go`, or
+assembled from Maven's jars with `mvn`, once, when that tool is on the PATH; otherwise the
+error is one line naming the command to run. Beam's own fallback, a download from GitHub or the Beam site, does not work
 offline. `python -m pipeline.engines` warms the cache (./run_local.sh calls it).
 
 Both must be of the SDK's own Beam version: Beam promises no compatibility between an SDK
@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from apache_beam.version import __version__ as BEAM_VERSION
@@ -69,39 +70,101 @@ def prism_binary() -> str:
     return str(path)
 
 
+FLINK_LAUNCHER_MAIN = 'org.apache.beam.runners.flink.FlinkJobServerDriver'
+# What the job server is made of: Maven Central serves no shaded job-server jar of any Beam
+# version here, but at 2.62.0 it serves the Flink runner and the job service, which resolve
+# with their dependencies (README, "Runners").
+_LAUNCHER_POM = """<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>ragbeam</groupId>
+  <artifactId>flink-job-server-launcher</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.beam</groupId>
+      <artifactId>beam-runners-flink-{flink}</artifactId><version>{beam}</version></dependency>
+    <dependency><groupId>org.apache.beam</groupId>
+      <artifactId>beam-runners-java-job-service</artifactId><version>{beam}</version></dependency>
+    <dependency><groupId>org.slf4j</groupId>
+      <artifactId>slf4j-simple</artifactId><version>1.7.30</version></dependency>
+  </dependencies>
+</project>
+"""
+
+
 def flink_artifact(flink_version: str) -> str:
     """The Maven coordinates of the job server for one Flink minor version."""
     return f'org.apache.beam:beam-runners-flink-{flink_version}-job-server:{BEAM_VERSION}'
 
 
 def flink_jar_path(flink_version: str) -> Path:
+    """Beam's own shaded job-server jar, where Maven would put it (used when present)."""
     name = f'beam-runners-flink-{flink_version}-job-server'
     return (Path.home() / '.m2' / 'repository' / 'org' / 'apache' / 'beam' / name / BEAM_VERSION
             / f'{name}-{BEAM_VERSION}.jar')
 
 
+def flink_launcher_path(flink_version: str) -> Path:
+    """ragbeam's job-server launcher for one Flink minor version, in the engine cache."""
+    return (cache_root() / 'flink' / BEAM_VERSION
+            / f'beam-runners-flink-{flink_version}-job-server-launcher.jar')
+
+
 def flink_job_server_jar(flink_version: str) -> str:
-    """The Flink job-server jar of the SDK's Beam version from ~/.m2, fetched with
-    `mvn dependency:get` the first time."""
-    path = flink_jar_path(flink_version)
-    if path.is_file():
-        return str(path)
-    artifact = flink_artifact(flink_version)
-    command = f'mvn dependency:get -Dartifact={artifact} -Dtransitive=false'
+    """A jar that starts the Flink job server of the SDK's Beam version: Beam's own from
+    ~/.m2 when it is there; otherwise a launcher that ragbeam assembles once, with Maven,
+    from the runner's modules (a manifest naming their jars in ~/.m2)."""
+    for path in (flink_jar_path(flink_version), flink_launcher_path(flink_version)):
+        if path.is_file():
+            return str(path)
+    return _assemble_launcher(flink_version)
+
+
+def _assemble_launcher(flink_version: str) -> str:
+    path = flink_launcher_path(flink_version)
+    runner = f'org.apache.beam:beam-runners-flink-{flink_version}:{BEAM_VERSION}'
+    command = 'python -m pipeline.engines'
     mvn = shutil.which('mvn')
     if mvn is None:
-        raise UsageError(f'--runner FlinkRunner needs the job server {artifact}: install Maven '
-                         f'and run `{command}`, or pass --flink_job_server_jar')
+        raise UsageError(f'--runner FlinkRunner needs the Flink job server of Beam {BEAM_VERSION} '
+                         f'({runner}): install Maven and Java 17 and run `{command}`, or pass '
+                         '--flink_job_server_jar')
     if shutil.which('java') is None:
         raise UsageError('--runner FlinkRunner needs Java 17 (java is not on the PATH)')
-    print(f'ragbeam: fetching {artifact} with Maven (once)', file=sys.stderr, flush=True)
-    proc = _run([mvn, '-B', '-q', 'dependency:get', f'-Dartifact={artifact}',
-                 '-Dtransitive=false'], None)
-    if proc.returncode != 0 or not path.is_file():
-        raise UsageError(f'the Flink job server {artifact} is not in ~/.m2 and `{command}` could '
-                         f'not fetch it ({_maven_reason(proc.stdout)}); pass '
-                         '--flink_job_server_jar, or use --flink_version for another Flink')
+    print(f'ragbeam: fetching the Flink {flink_version} job server of Beam {BEAM_VERSION} '
+          f'({runner} and its dependencies) with Maven into ~/.m2 (once)', file=sys.stderr,
+          flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        pom = Path(work) / 'pom.xml'
+        pom.write_text(_LAUNCHER_POM.format(flink=flink_version, beam=BEAM_VERSION))
+        classpath = Path(work) / 'classpath.txt'
+        proc = _run([mvn, '-B', '-q', '-f', str(pom), 'dependency:build-classpath',
+                     f'-Dmdep.outputFile={classpath}'], None)
+        if proc.returncode != 0 or not classpath.is_file():
+            raise UsageError(f'Maven could not fetch {runner} and its dependencies '
+                             f'({_maven_reason(proc.stdout)}); pass --flink_job_server_jar, or '
+                             'use --flink_version for another Flink')
+        jars = [j for j in classpath.read_text().strip().split(os.pathsep) if j]
+        launcher = Path(work) / path.name
+        write_launcher(launcher, FLINK_LAUNCHER_MAIN, jars)
+        os.replace(launcher, path)  # atomic, as for Prism
     return str(path)
+
+
+def write_launcher(path: Path, main_class: str, jars: list[str]) -> None:
+    """A jar holding only a manifest: its main class, and a class path of the given jars
+    (file: URLs; manifest lines wrapped at 72 bytes, as the jar format requires)."""
+    def line(text: str) -> bytes:
+        raw = text.encode()
+        parts = [raw[:72]] + [b' ' + raw[i:i + 71] for i in range(72, len(raw), 71)]
+        return b'\r\n'.join(parts) + b'\r\n'
+    manifest = (line('Manifest-Version: 1.0') + line(f'Main-Class: {main_class}')
+                + line('Class-Path: ' + ' '.join(Path(j).resolve().as_uri() for j in jars))
+                + b'\r\n')
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('META-INF/MANIFEST.MF', manifest)
 
 
 def runner_args(args: list[str]) -> list[str]:

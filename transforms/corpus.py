@@ -32,7 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import outputs
 from transforms.outputs import active_files, normal_uri as _normal
 from transforms.store import glob_to_prefix
-from transforms.types import MANIFEST_SCHEMA, CommittedObject, ErrorRecord, ObjectRef, record
+from transforms.types import (MANIFEST_SCHEMA, CommittedObject, ErrorRecord, ObjectRef, record,
+                             typed)
 
 _log = logging.getLogger(__name__)
 
@@ -210,11 +211,12 @@ class Diff(beam.PTransform):
     def expand(self, inputs):
         listed, committed = inputs
         joined = ({'listed': listed,
-                   'committed': committed | 'KeyCommitted' >> beam.Map(lambda c: (c.uri, c))}
+                   'committed': committed | 'KeyCommitted' >> beam.Map(
+                       lambda c: (c.uri, c)).with_output_types(tuple[str, CommittedObject])}
                   | 'Join' >> beam.CoGroupByKey())
-        out = joined | 'Classify' >> beam.ParDo(_Classify(*self._args)).with_output_types(
-            tuple[str, ObjectRef], changes=Change, unchanged=Change, deleted=Change
-        ).with_outputs('changes', UNCHANGED, DELETED, main=READ)
+        out = typed(joined | 'Classify' >> beam.ParDo(_Classify(*self._args)).with_output_types(
+            tuple[str, ObjectRef]).with_outputs('changes', UNCHANGED, DELETED, main=READ),
+            changes=Change, unchanged=Change, deleted=Change)
         changes = ((out.changes, out[UNCHANGED], out[DELETED])
                    | 'AllChanges' >> beam.Flatten().with_output_types(Change))
         return Changes(out.read, changes)

@@ -39,7 +39,8 @@ class ListObjects(beam.PTransform):
         return (pbegin
                 | 'Patterns' >> beam.Create(self._patterns)
                 | 'List' >> beam.FlatMap(list_pattern, self._config)
-                | 'ByUri' >> beam.Map(lambda ref: (ref.uri, ref))
+                | 'ByUri' >> beam.Map(lambda ref: (ref.uri, ref)).with_output_types(
+                    tuple[str, ObjectRef])
                 | 'Group' >> beam.GroupByKey()
                 | 'Once' >> beam.MapTuple(lambda uri, refs: (uri, next(iter(refs)))))
 

@@ -36,7 +36,7 @@ from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, Re
                                 count_dynamic_split, error_record, finish_restriction, is_blank,
                                 is_pdf_name, read_failure_reason)
 from transforms.store import StoreConfig, store_for
-from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record
+from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record, typed
 
 OCR_ENGINES = ('none', 'tesseract')
 RANGES = 'ranges'
@@ -116,15 +116,15 @@ class ReadPdfs(beam.PTransform):
 
     def expand(self, refs) -> ReadResult:
         args = (self._chunker, self._options, self._store, self._monitor)
-        opened = refs | 'Open' >> beam.ParDo(OpenPdfs(*args)).with_output_types(
-            Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef,
-            ranges=PdfRange
-        ).with_outputs(ERRORS, STATS, HANDED_OFF, RANGES, main='chunks')
-        pages = (opened[RANGES]
-                 | 'Spread' >> beam.Reshuffle()
-                 | 'ReadPages' >> beam.ParDo(ReadPdfChunks(*args)).with_output_types(
-                     Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats]
-                 ).with_outputs(ERRORS, STATS, main='chunks'))
+        opened = typed(refs | 'Open' >> beam.ParDo(OpenPdfs(*args)).with_output_types(
+            Chunk).with_outputs(ERRORS, STATS, HANDED_OFF, RANGES, main='chunks'),
+            errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef,
+            ranges=PdfRange)
+        pages = typed(opened[RANGES]
+                      | 'Spread' >> beam.Reshuffle()
+                      | 'ReadPages' >> beam.ParDo(ReadPdfChunks(*args)).with_output_types(
+                          Chunk).with_outputs(ERRORS, STATS, main='chunks'),
+                      errors=ErrorRecord, stats=tuple[str, ObjectStats])
         errors = (opened[ERRORS], pages[ERRORS]) | 'Errors' >> beam.Flatten()
         stats = (opened[STATS], pages[STATS]) | 'Stats' >> beam.Flatten()
         return ReadResult((opened.chunks, pages.chunks), errors, stats, opened[HANDED_OFF])

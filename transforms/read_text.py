@@ -17,7 +17,7 @@ from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, Re
                                 count_dynamic_split, error_record, finish_restriction,
                                 has_pdf_header, is_blank, read_failure_reason)
 from transforms.store import StoreConfig, StoreError, store_for
-from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats
+from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, typed
 
 _log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ class ReadText(beam.PTransform):
         self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs, monitor)
 
     def expand(self, refs) -> ReadResult:
-        out = refs | 'Read' >> beam.ParDo(self._fn).with_output_types(
-            Chunk, errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef
-        ).with_outputs(ERRORS, STATS, HANDED_OFF, main='chunks')
+        out = typed(refs | 'Read' >> beam.ParDo(self._fn).with_output_types(Chunk).with_outputs(
+            ERRORS, STATS, HANDED_OFF, main='chunks'),
+            errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef)
         return ReadResult((out.chunks,), out[ERRORS], out[STATS], out[HANDED_OFF])
 
 

@@ -8,7 +8,7 @@ import apache_beam as beam
 
 from transforms.monitor import WORK
 from transforms.readers import is_pdf_name
-from transforms.types import ObjectRef
+from transforms.types import ObjectRef, typed
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ class Route(beam.PTransform):
         self._options = options
 
     def expand(self, refs) -> Routes:
-        routed = refs | 'Route' >> beam.ParDo(_RouteFn(self._options)).with_output_types(
-            ObjectRef, pdf=ObjectRef, skipped=tuple[str, str]).with_outputs(
-            'pdf', 'skipped', main='text')
+        routed = typed(refs | 'Route' >> beam.ParDo(_RouteFn(self._options)).with_output_types(
+            ObjectRef).with_outputs('pdf', 'skipped', main='text'),
+            pdf=ObjectRef, skipped=tuple[str, str])
         return Routes(routed.text, routed.pdf, routed.skipped)
 
 

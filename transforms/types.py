@@ -1,7 +1,8 @@
 """Small records that flow through the pipeline, and the Arrow schemas derived from them.
 
-Each record is a dataclass registered with Beam's RowCoder, so a PCollection typed with one
-gets a real, deterministic coder rather than pickles. The Parquet schemas of the chunk and
+Each record is a small dataclass. Beam 2.62 (the version ragbeam pins, README "Runners") has
+no schema rows for dataclasses, so a record crossing a shuffle is pickled; no record is ever a
+shuffle key (keys are URIs), so no coder needs to be deterministic. The Parquet schemas of the chunk and
 manifest tables are derived from the same definitions (`arrow_schema`), so a column is
 declared in one place. No `from __future__ import annotations` here: Beam reads these
 annotations to build the row schemas.
@@ -12,16 +13,22 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import apache_beam as beam
 import pyarrow as pa
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 
 
 def record(cls):
-    """Registers a record type with Beam's RowCoder, under a schema id that is the same in
-    every process (Beam would draw a random one, which worker processes cannot look up)."""
-    setattr(cls, '_beam_schema_id', 'ragbeam_' + f'{cls.__module__}.{cls.__qualname__}'.replace('.', '_'))
-    beam.coders.registry.register_row(cls)
+    """Marks a record type; the one place to give records a coder of their own."""
     return cls
+
+
+def typed(outputs, **tagged_types):
+    """The outputs of `ParDo(...).with_outputs(...)`, with the given element types on its
+    tagged PCollections: Beam 2.62's `with_output_types` types only the main output, and a
+    tagged output left as Any gets a pickled coder that Prism cannot key or split on."""
+    for tag, hint in tagged_types.items():
+        outputs[tag].element_type = convert_to_beam_type(hint)
+    return outputs
 
 
 def _arrow(arrow_type: pa.DataType, **kwargs):
