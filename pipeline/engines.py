@@ -181,6 +181,10 @@ def runner_args(args: list[str]) -> list[str]:
         if _flag_value(args, '--job_server_jvm_property') is None and \
                 _flag_value(args, '--job_server_jvm_properties') is None:
             extra += [f'--job_server_jvm_property={p}' for p in FLINK_JVM_PROPERTIES]
+        if _flag_value(args, '--environment_type') is None:
+            # Beam's default for Flink is DOCKER; the SDK workers run in this process instead
+            # (a cluster on other machines takes EXTERNAL, README "Runners")
+            extra.append('--environment_type=LOOPBACK')
         return args + extra
     return args
 

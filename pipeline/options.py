@@ -234,6 +234,18 @@ def check_gcs_locations(options: PipelineOptions) -> None:
                              '(3-63 lower-case letters, digits, - and _)')
 
 
+class FlinkRestartOptions(PipelineOptions):
+    """The restart strategy of a job on Flink: options of Beam's Java Flink runner that its
+    Python SDK does not declare (without them Beam's job server gives a batch job none)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument('--number_of_execution_retries', type=int, default=None,
+                            help='Flink: restart a failed job this many times (fixed delay)')
+        parser.add_argument('--execution_retry_delay', type=int, default=None,
+                            help='Flink: milliseconds between those restarts')
+
+
 def beam_options(args: list[str]) -> PipelineOptions:
     """Beam's PipelineOptions from the flags ragbeam does not know; unknown flags are errors."""
     args = _bare_dry_run(args)

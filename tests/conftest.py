@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -74,13 +75,34 @@ def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
     return proc
 
 
-def measured_run(what: str, out: Path, *args: str):
+def run_in_background(*args: str) -> subprocess.Popen:
+    """`python -m pipeline ARGS` (hash embedder) started, not waited for: a test that kills
+    something while it runs."""
+    return subprocess.Popen([sys.executable, '-m', 'pipeline', *map(str, args), '--embedder',
+                             'hash'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(find, proc: subprocess.Popen, timeout: float = 120, every: float = 0.2):
+    """What `find()` returns once it is not None, polled while `proc` runs; None when `proc`
+    ended or the time ran out first."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = find()
+        if found is not None:
+            return found
+        time.sleep(every)
+    return None
+
+
+def measured_run(what: str, out: Path, *args: str, group=None):
     """`ragbeam run ARGS --output OUT` with its whole process tree sampled as bench/measure.py
     does (a Measurement); prints the peak RSS under `what`, fails the test on a non-zero exit."""
     from bench.measure import run_measured
 
     m = run_measured([sys.executable, '-m', 'pipeline', 'run', *map(str, args), '--output',
-                      str(out)], cwd=ROOT)
+                      str(out)], cwd=ROOT, group=group)
     assert m.returncode == 0, m.output[-3000:]
     print(f'\n{what}: peak RSS {m.peak_rss_mb:.0f} MB ({m.peak_anon_mb:.0f} MB anonymous), '
           f'{m.wall_seconds:.1f} s')
@@ -133,3 +155,64 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# .ci/run sets this: there, a missing toolchain (go, mvn, java) fails the tests of the engines
+# instead of skipping them
+REQUIRE_ENGINES = os.environ.get('RAGBEAM_REQUIRE_ENGINES') == '1'
+
+
+def _engine(get, needs: str):
+    from pipeline.options import UsageError
+    try:
+        return get()
+    except UsageError as e:
+        if REQUIRE_ENGINES:
+            pytest.fail(f'RAGBEAM_REQUIRE_ENGINES=1: {e}')
+        pytest.skip(f'needs {needs} ({e})')
+
+
+@pytest.fixture(scope='session')
+def prism_engine() -> str:
+    """The Prism binary from ragbeam's engine cache, built with Go the first time."""
+    from pipeline import engines
+    return _engine(engines.prism_binary, 'Go 1.26+ on the PATH to build Prism')
+
+
+@pytest.fixture(scope='session')
+def flink_engine() -> str:
+    """The Flink job-server jar from ragbeam's engine cache, assembled with Maven the first
+    time."""
+    from pipeline import engines
+    return _engine(lambda: engines.flink_job_server_jar(engines.default_flink_version()),
+                   'Maven and Java 17 on the PATH for the Flink job server')
+
+
+@pytest.fixture(scope='session')
+def corpus_run(tmp_path_factory):
+    """The whole shared corpus (texts and PDFs) on the FnApiRunner, what the other engines'
+    runs are compared with."""
+    out = tmp_path_factory.mktemp('fnapi') / 'out'
+    ragbeam('run', '--input', CORPUS, '--output', out)
+    return out
+
+
+def accounting(out) -> dict:
+    """What must not depend on the engine: each object's outcome, the error records, the
+    counters and the report's totals, and the stages whose memory came back as metrics.
+    Bytes read and timings depend on the split points; they are left out."""
+    import pyarrow.dataset as ds
+    report = json.loads((out / 'report.json').read_text())
+    manifest = sorted((r['uri'], r['status'], r['reason'], r['chunks'], r['errors'], r['pages'],
+                       r['ocr_needed_pages'], r['extractor'])
+                      for r in ds.dataset(out / 'manifest').to_table().to_pylist())
+    errors = sorted((e['uri'], e['stage'], e['error_type'], e.get('page'), e.get('start'),
+                     e.get('end')) for f in (out / 'errors').glob('*.jsonl')
+                    for e in map(json.loads, f.read_text().splitlines()))
+    counters = {k: v for k, v in report['counters'].items()
+                if not k.startswith('stage_ms_') and k not in ('bytes_read', 'dynamic_splits')}
+    totals = {k: report[k] for k in ('objects_listed', 'objects_ok', 'objects_failed',
+                                     'objects_skipped', 'chunks', 'chunks_embedded',
+                                     'failure_reasons')}
+    return {'manifest': manifest, 'errors': errors, 'counters': counters, 'totals': totals,
+            'stages': sorted(report['stages'])}

@@ -72,7 +72,7 @@ class _File:
         return chunks_of(outputs), splits
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(objects(min_pieces=150, max_chunk=300), st.integers(1, 5000), st.integers(64, 4000),
        st.randoms(use_true_random=False))
 def test_dynamic_splits_do_not_change_chunks(obj, window, split_bytes, rnd):

@@ -11,16 +11,11 @@ import subprocess
 import sys
 import time
 
-import pyarrow.dataset as ds
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline import engines
-from tests.conftest import CORPUS, ROOT, check_output, ragbeam
-
-# .ci/run sets this: there, a missing Go toolchain fails the Prism tests instead of skipping them
-REQUIRE_ENGINES = os.environ.get('RAGBEAM_REQUIRE_ENGINES') == '1'
-
+from tests.conftest import (CORPUS, ROOT, accounting, check_output, ragbeam,
+                            run_in_background, wait_for)
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -69,52 +64,13 @@ def test_dataflow_dry_run_translates_offline(tmp_path):
     assert not (out / 'report.json').exists()
 
 
-@pytest.fixture(scope='module')
-def prism() -> str:
-    """The Prism binary from ragbeam's engine cache, built with Go the first time."""
-    try:
-        return engines.prism_binary()
-    except engines.UsageError as e:
-        if REQUIRE_ENGINES:
-            pytest.fail(f'RAGBEAM_REQUIRE_ENGINES=1: {e}')
-        pytest.skip(f'needs Go 1.26+ on the PATH to build Prism ({e})')
-
-
-@pytest.fixture(scope='module')
-def corpus_run(tmp_path_factory):
-    """The whole shared corpus (texts and PDFs) on the FnApiRunner."""
-    out = tmp_path_factory.mktemp('fnapi') / 'out'
-    ragbeam('run', '--input', CORPUS, '--output', out)
-    return out
-
-
-def accounting(out) -> dict:
-    """What must not depend on the engine: each object's outcome, the error records, the
-    counters and the report's totals, and the stages whose memory came back as metrics.
-    Bytes read and timings depend on the split points; they are left out."""
-    report = json.loads((out / 'report.json').read_text())
-    manifest = sorted((r['uri'], r['status'], r['reason'], r['chunks'], r['errors'], r['pages'],
-                       r['ocr_needed_pages'], r['extractor'])
-                      for r in ds.dataset(out / 'manifest').to_table().to_pylist())
-    errors = sorted((e['uri'], e['stage'], e['error_type'], e.get('page'), e.get('start'),
-                     e.get('end')) for f in (out / 'errors').glob('*.jsonl')
-                    for e in map(json.loads, f.read_text().splitlines()))
-    counters = {k: v for k, v in report['counters'].items()
-                if not k.startswith('stage_ms_') and k not in ('bytes_read', 'dynamic_splits')}
-    totals = {k: report[k] for k in ('objects_listed', 'objects_ok', 'objects_failed',
-                                     'objects_skipped', 'chunks', 'chunks_embedded',
-                                     'failure_reasons')}
-    return {'manifest': manifest, 'errors': errors, 'counters': counters, 'totals': totals,
-            'stages': sorted(report['stages'])}
-
-
-def test_prism_gives_the_chunks_and_the_accounting_of_the_fnapi_runner(prism, corpus_run,
+def test_prism_gives_the_chunks_and_the_accounting_of_the_fnapi_runner(prism_engine, corpus_run,
                                                                        tmp_path):
     import psutil
 
     def engines_running():
         return {p.pid for p in psutil.process_iter(['cmdline'])
-                if p.info['cmdline'] and p.info['cmdline'][0] == prism}
+                if p.info['cmdline'] and p.info['cmdline'][0] == prism_engine}
 
     before = engines_running()
     out = tmp_path / 'prism'
@@ -157,7 +113,7 @@ def multibyte(tmp_path_factory):
     return root / 'in', root / 'reference'
 
 
-def test_prism_splits_while_reading_and_the_chunks_do_not_change(prism, multibyte,
+def test_prism_splits_while_reading_and_the_chunks_do_not_change(prism_engine, multibyte,
                                                                 tmp_path_factory):
     """Random split and window sizes on Prism give the chunks of the FnApiRunner's run, and
     restrictions that Prism cuts while they run give them too.
@@ -208,7 +164,7 @@ def _without_toolchains(tmp_path) -> dict:
 
 @pytest.mark.parametrize('runner, names', [
     ('PrismRunner', 'python -m pipeline.engines'),
-    ('FlinkRunner', 'mvn dependency:get -Dartifact=org.apache.beam:beam-runners-flink-'),
+    ('FlinkRunner', 'python -m pipeline.engines'),
 ])
 def test_a_missing_engine_is_a_one_line_error_naming_the_command(runner, names, tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', CORPUS / 'text',
@@ -222,13 +178,21 @@ def test_a_missing_engine_is_a_one_line_error_naming_the_command(runner, names, 
     assert not (tmp_path / 'out' / 'report.json').exists()
 
 
-def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(prism, tmp_path):
-    """Prism's process killed while the pipeline runs: the run exits non-zero with a
-    one-line error, commits nothing, and the committed version stays whole."""
+@pytest.mark.parametrize('engine', ['prism', 'flink'])
+def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(engine, request,
+                                                                          tmp_path):
+    """The engine's process (Prism, or the Flink job server's JVM with its MiniCluster)
+    killed while the pipeline runs: the run exits non-zero with a one-line error, commits
+    nothing, and the committed version stays whole."""
     import psutil
     from deltalake import DeltaTable
 
     from bench.generate import write_text
+
+    request.getfixturevalue(f'{engine}_engine')  # built or fetched, or the reason to skip
+    runner, process = {'prism': (['--runner', 'PrismRunner'], 'prism'),
+                       'flink': (['--runner', 'FlinkRunner', '--flink_master=[local]'],
+                                 'java')}[engine]
 
     src = tmp_path / 'src'
     src.mkdir()
@@ -237,19 +201,14 @@ def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(prism,
     ragbeam('run', '--input', src, '--output', out)
     committed = check_output(out, '--input', src)
     write_text(str(src / 'big.txt'), 40 << 20)  # long enough to be killed in the middle of
-    proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', '--input', src,
-                             '--output', out, '--embedder', 'hash', '--runner', 'PrismRunner'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    engine = None
-    deadline = time.time() + 120
-    while engine is None and time.time() < deadline and proc.poll() is None:
-        engine = next((p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if p.name().startswith('prism')), None)
-        time.sleep(0.1)
-    assert engine is not None, 'Prism never started'
-    time.sleep(2)  # the job is running: the engine has its workers' bundles
+    proc = run_in_background('run', '--input', src, '--output', out, *runner)
+    victim = wait_for(lambda: next((p for p in psutil.Process(proc.pid).children(recursive=True)
+                                    if p.name().startswith(process)), None), proc, every=0.1)
+    assert victim is not None, f'the {process} process never started'
+    # the job is running: the engine has its workers' bundles (Flink's JVM starts slower)
+    time.sleep(2 if engine == 'prism' else 15)
     assert proc.poll() is None, 'the run ended before the engine could be killed'
-    engine.kill()
+    victim.kill()
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode not in (0, None), stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
