@@ -4,8 +4,9 @@
 `--flink_job_server_jar` take them from ragbeam's engine cache ($RAGBEAM_ENGINE_CACHE, default
 ~/.cache/ragbeam/engines) or from Maven's ~/.m2. A missing one is built with `go`, or
 assembled from Maven's jars with `mvn`, once, when that tool is on the PATH; otherwise the
-error is one line naming the command to run. Beam's own fallback, a download from GitHub or the Beam site, does not work
-offline. `python -m pipeline.engines` warms the cache (./run_local.sh calls it).
+error is one line naming the command to run. Beam's own fallback, a download from GitHub or
+the Beam site, does not work offline. `python -m pipeline.engines` warms the cache
+(./run_local.sh calls it).
 
 Both must be of the SDK's own Beam version: Beam promises no compatibility between an SDK
 and a job server of another version.
@@ -91,11 +92,6 @@ _LAUNCHER_POM = """<?xml version="1.0" encoding="UTF-8"?>
   </dependencies>
 </project>
 """
-
-
-def flink_artifact(flink_version: str) -> str:
-    """The Maven coordinates of the job server for one Flink minor version."""
-    return f'org.apache.beam:beam-runners-flink-{flink_version}-job-server:{BEAM_VERSION}'
 
 
 def flink_jar_path(flink_version: str) -> Path:

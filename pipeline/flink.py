@@ -64,7 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterSettings:
     """The cluster's size, and how it restarts a job whose TaskManager died."""
     slots: int = 2
@@ -230,12 +230,12 @@ def _java_opts(home: Path) -> str:
     return ' '.join(engines.FLINK_JVM_PROPERTIES)
 
 
-def worker_pool(port: int, env: dict | None = None) -> subprocess.Popen:
+def worker_pool(port: int) -> subprocess.Popen:
     """Beam's EXTERNAL worker pool on 127.0.0.1:port: it starts one SDK worker process of
     this Python (ragbeam importable) for each the cluster asks for."""
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(env or os.environ)
-    env['PATH'] = bin_dir + os.pathsep + env.get('PATH', '')  # the pool runs `python`
+    # the pool starts its workers as `python`: this one
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get('PATH', ''))
     return subprocess.Popen([sys.executable, '-m',
                              'apache_beam.runners.worker.worker_pool_main',
                              f'--service_port={port}'], env=env,

@@ -1,18 +1,20 @@
 """ragbeam on Flink: the MiniCluster embedded in Beam's job server, and a standalone cluster
 on 127.0.0.1 (one JobManager, one TaskManager with two slots, started once for this module)
 with Python workers from an EXTERNAL worker pool. Each gives the FnApiRunner's chunks and
-accounting; a job whose TaskManager is killed recovers and commits what an undisturbed run commits. (A 300 MB object at parallelism
-2 took 373 s and 1149 MB of Python RSS here, over the 512 MB bound: README, "Runners".)"""
+accounting; a job whose TaskManager is killed recovers and commits what an undisturbed run
+commits. (A 300 MB object at parallelism 2 took 373 s and 1149 MB of Python RSS here, over
+the 512 MB bound: README, "Runners".)"""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from pipeline.flink import ClusterSettings, LocalCluster, free_port, worker_pool
+from pipeline.flink import ClusterSettings, LocalCluster, worker_pool
 from pipeline.options import UsageError
 from tests.conftest import (CORPUS, REQUIRE_ENGINES, accounting, check_output, ragbeam,
                             run_in_background, wait_for)
+from tests.servers import free_port
 
 EMBEDDED = ('--runner', 'FlinkRunner', '--flink_master=[local]', '--parallelism=2')
 

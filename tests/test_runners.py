@@ -16,16 +16,11 @@ from hypothesis import given, settings, strategies as st
 
 from tests.conftest import (CORPUS, ROOT, accounting, check_output, ragbeam,
                             run_in_background, wait_for)
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
+from tests.servers import free_port
 
 @pytest.fixture
 def job_service():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, '-m',
                              'apache_beam.runners.portability.local_job_service_main',
                              '--port', str(port)],
