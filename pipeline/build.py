@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -85,14 +86,19 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
     chunks_staging = corpus.staging(outputs.path(out, 'chunks'), plan.run_id)
     # Each reader's chunks are enriched, embedded and written on their own path: a Flatten
     # of them would be a fusion break that holds every chunk in memory on the FnApiRunner.
+    written = []
     for reader, read in reads.items():
         for n, chunks in enumerate(read.chunks):
             name = reader if n == 0 else f'{reader}{n}'
-            _ = (chunks
-                 | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
-                 | f'Embed/{name}' >> Embed(opts.embed, watch)
-                 | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
-                                                  opts.embed.dim, watch))
+            written.append(chunks
+                           | f'Enrich/{name}' >> ExtractEntities(opts.entities, watch)
+                           | f'Embed/{name}' >> Embed(opts.embed, watch)
+                           | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
+                                                            opts.embed.dim, watch))
+    _ = (written
+         | 'AllWritten' >> beam.Flatten()
+         | 'WriteFileList' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'written'),
+                                                  file_name_suffix='.txt', num_shards=1))
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
     _ = ((diff.read, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
@@ -170,19 +176,20 @@ def run(opts: RunOptions) -> dict | None:
     corpus.crash_point('after-pipeline')
     staged = outputs.ParquetFolder(run_folder(opts.output, plan.run_id, 'manifest'),
                                    opts.store).table(MANIFEST_SCHEMA.names)
-    staged, incomplete = corpus.check_staged(outputs.path(opts.output, 'chunks'), plan.run_id,
-                                             staged)
+    written = sorted(_read_lines(run_folder(opts.output, plan.run_id, 'written*.txt')))
+    staged, incomplete = corpus.check_staged(written, staged)
     if incomplete:
         with FileSystems.create(run_folder(opts.output, plan.run_id, 'errors',
                                            'errors-commit.jsonl')) as f:
             f.write(''.join(error_json(e) + '\n' for e in incomplete).encode('utf-8'))
-    changes = dict(_read_changes(run_folder(opts.output, plan.run_id)))
+    changes = dict(json.loads(line) for line in
+                   _read_lines(run_folder(opts.output, plan.run_id, 'changes*.jsonl')))
     found = metrics(result)
     summary = reporting.run_counts(changes, staged)
     try:
         done = corpus.commit(committed, plan.run_id, plan.fingerprint,
                              chunk_schema(opts.embed.dim), staged, changes, opts.backfill,
-                             summary)
+                             summary, written)
     except corpus.CommitError as e:
         corpus.clean_staging(opts.output, storage, plan.run_id)
         raise UsageError(str(e))
@@ -270,13 +277,11 @@ def _rpc_code(error) -> str:
     return getattr(code, 'name', str(code))
 
 
-def _read_changes(folder: str):
-    for meta in FileSystems.match([outputs.path(folder, 'changes*.jsonl')])[0].metadata_list:
+def _read_lines(pattern: str) -> Iterator[str]:
+    """The non-empty lines of the run's small text outputs that match `pattern`."""
+    for meta in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(meta.path, compression_type='uncompressed') as f:
-            for line in f.read().decode('utf-8').splitlines():
-                if line:
-                    uri, change = json.loads(line)
-                    yield uri, change
+            yield from (line for line in f.read().decode('utf-8').splitlines() if line)
 
 
 def _publish_errors(output: str, run_id: str) -> None:

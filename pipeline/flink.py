@@ -197,6 +197,18 @@ class LocalCluster:
                                     timeout=5) as r:
             return json.loads(r.read()).get('exceptionHistory', {}).get('entries', [])
 
+    def vertex_records(self, jid: str) -> list[tuple[str, list[int]]]:
+        """Each vertex of a job: its name, and the records each of its subtasks read."""
+        base = f'http://127.0.0.1:{self.rest_port}/jobs/{jid}'
+        with urllib.request.urlopen(base, timeout=5) as r:
+            vertices = json.loads(r.read())['vertices']
+        found = []
+        for v in vertices:
+            with urllib.request.urlopen(f'{base}/vertices/{v["id"]}', timeout=5) as r:
+                subtasks = json.loads(r.read())['subtasks']
+            found.append((v['name'], [s['metrics']['read-records'] for s in subtasks]))
+        return found
+
     def kill_taskmanager(self) -> None:
         """SIGKILLs the live TaskManagers, as a crashed machine would go."""
         for tm in self.taskmanagers:

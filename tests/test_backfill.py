@@ -376,7 +376,7 @@ def test_an_object_whose_rows_were_lost_before_the_commit_fails_instead_of_commi
         {'uri': 'b', 'version': 'v1', 'status': 'ok', 'chunks': 4},
         {'uri': 'c', 'version': 'v1', 'status': 'failed', 'chunks': 0, 'reason': 'not found: x'},
     ], schema=MANIFEST_SCHEMA)
-    checked, errors = check_staged(str(table), 'r1', manifest)
+    checked, errors = check_staged([str(folder / 'text-00000.parquet')], manifest)
     rows = {r['uri']: (r['status'], r['reason']) for r in checked.to_pylist()}
     assert rows['a'] == ('ok', None) and rows['c'] == ('failed', 'not found: x')
     assert rows['b'][0] == 'failed' and rows['b'][1].startswith(

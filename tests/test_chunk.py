@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.helpers import chunks_of, run_splittable
 from transforms.chunk import ChunkerSettings, ChunkRule
 from transforms.decode import TextEncoding, detect_encoding
-from transforms.read_text import ReadTextChunks, TextReadOptions
+from transforms.read_text import ReadTextChunks, TextReadOptions, plan_ranges
 from transforms.store import LocalStore, StoreConfig
 
 ENCODINGS = {
@@ -66,9 +66,13 @@ class _File:
 
     def read(self, chunker: ChunkerSettings, window: int, split_bytes: int,
              split_at=lambda n: None) -> tuple[list, int]:
-        """Chunks of the real ReadTextChunks over the file, and the splits made."""
+        """Chunks of the real ReadTextChunks over the file's planned ranges, and the splits
+        made."""
         fn = ReadTextChunks(chunker, TextReadOptions(window, split_bytes), StoreConfig())
-        outputs, splits = run_splittable(fn, self.ref, split_at)
+        outputs, splits = [], 0
+        for part in plan_ranges(self.ref, split_bytes):
+            more, made = run_splittable(fn, part, split_at)
+            outputs, splits = outputs + more, splits + made
         return chunks_of(outputs), splits
 
 

@@ -60,7 +60,7 @@ def _recall_at_10(output, queries: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
-    n = 200_000
+    n = 100_000
     vectors, queries = np.split(_clustered(n + 200, 1), [n])  # queries from the same clusters
     ids = np.random.default_rng(2).integers(-2**63, 2**63 - 1, n, dtype=np.int64)
     exact = faiss.IndexFlatIP(DIM)
@@ -78,7 +78,7 @@ def _two_workers() -> beam.Pipeline:
 def test_sharded_ivfpq_build_equals_a_single_shot_build(synthetic):
     vectors, ids, queries, truth, root = synthetic
     builds = {}
-    for files, shard_rows, pipeline in ((1, len(ids), None), (8, 25_000, _two_workers)):
+    for files, shard_rows, pipeline in ((1, len(ids), None), (8, 12_500, _two_workers)):
         out = root / f'files-{files}'
         _write_chunks(out / 'chunks', vectors, ids, files)
         meta = build_index(str(out), 'ivfpq', pipeline=pipeline, shard_rows=shard_rows)

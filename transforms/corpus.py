@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -374,15 +374,15 @@ def _write_parquet(table: pa.Table, out_path: str) -> None:
         f.write(sink.getvalue().to_pybytes())
 
 
-def check_staged(table_path: str, run_id: str,
+def check_staged(written: Sequence[str],
                  staged_manifest: pa.Table) -> tuple[pa.Table, list[ErrorRecord]]:
-    """The staged manifest with every `ok` object whose staged chunk rows differ in number
-    from the chunks its reader counted turned `failed` (rows were lost between the read and
-    the write: it must not commit as complete, and the next run retries it), and an error
-    record for each such object."""
+    """The staged manifest with every `ok` object whose rows in the `written` chunk files
+    differ in number from the chunks its reader counted turned `failed` (rows were lost
+    between the read and the write: it must not commit as complete, and the next run
+    retries it), and an error record for each such object."""
     import pyarrow.compute as pc
     staged_rows: dict[str, int] = {}
-    for path in _files(staging(table_path, run_id)):
+    for path in written:
         for item in pc.value_counts(_uris(path)).to_pylist():
             staged_rows[item['values']] = staged_rows.get(item['values'], 0) + item['counts']
     rows, errors = [], []
@@ -438,12 +438,15 @@ def remove_objects(table_path: str, storage_options: Optional[dict], folder: str
 
 def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schema,
            staged_manifest: pa.Table, changes: dict[str, str], options: BackfillOptions,
-           summary: dict) -> CommitResult:
+           summary: dict, written: Sequence[str] = ()) -> CommitResult:
     """Publishes a finished run: one commit of the chunks table, then one of the manifest.
 
     `staged_manifest` holds the rows of the objects this run read; `changes` the diff's
-    decision per object. Raises CommitError and commits nothing when another run committed
-    since this one started, or when the deletes pass --max-delete-fraction.
+    decision per object; `written` the chunk files of the bundles that finished
+    (transforms.write.WriteChunks). The run's other staged files, left by bundles that the
+    runner failed and ran again, are deleted. Raises CommitError and commits nothing when
+    another run committed since this one started, or when the deletes pass
+    --max-delete-fraction.
     """
     from deltalake import CommitProperties, Schema
     from deltalake.exceptions import CommitFailedError
@@ -468,7 +471,13 @@ def commit(corpus: Corpus, run_id: str, fingerprint_value: str, schema: pa.Schem
     table_path = corpus.chunks_path
     adds, removes, added_rows, removed_rows, rewritten = [], [], 0, 0, 0
     folder = staging(table_path, run_id)
-    for n, path in enumerate(_files(folder)):
+    listed = {_normal(p) for p in written}
+    retried = [p for p in _files(folder) if _normal(p) not in listed]
+    if retried:
+        _log.warning('ragbeam: %d staged chunk files of bundles the runner ran again are not '
+                     'committed (deleted)', len(retried))
+        FileSystems.delete(retried)
+    for n, path in enumerate(sorted(written)):
         uris = set(_uris(path).to_pylist())
         if uris & failed:  # a failed object contributes no rows
             kept = outputs.path(folder, f'kept-{n:05d}.parquet')

@@ -1,4 +1,10 @@
-"""Reading text objects: a splittable DoFn over byte ranges, inside the `ReadText` transform."""
+"""Reading text objects: a splittable DoFn over byte ranges, inside the `ReadText` transform.
+
+Each object is first planned as `TextRange`s of `--split-bytes`, small records that cross a
+Reshuffle, so a runner spreads one big object's ranges, and a folder's, over its workers:
+Flink runs a restriction's initial splits where its element is and never splits one while
+it runs, so without it all of one object's ranges would be read by one task.
+"""
 from __future__ import annotations
 
 import logging
@@ -17,7 +23,7 @@ from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, Re
                                 count_dynamic_split, error_record, finish_restriction,
                                 has_pdf_header, is_blank, read_failure_reason)
 from transforms.store import StoreConfig, StoreError, store_for
-from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, typed
+from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record, typed
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +47,22 @@ class TextReadOptions:
             raise ValueError('--split-bytes must be at least --chunk-size')
 
 
+@record
+@dataclass(frozen=True)
+class TextRange:
+    """Bytes [start, stop) of a text object: the planned unit of work."""
+    ref: ObjectRef
+    start: int
+    stop: int
+
+
+def plan_ranges(ref: ObjectRef, split_bytes: int) -> Iterator[TextRange]:
+    """An object's ranges of `split_bytes` (none for an empty object, as for Beam's
+    OffsetRange.split)."""
+    for piece in OffsetRange(0, ref.size).split(split_bytes):
+        yield TextRange(ref, piece.start, piece.stop)
+
+
 class ReadText(beam.PTransform):
     """ObjectRefs of text objects -> ReadResult: chunks, errors, stats, and (with
     `sniff_pdfs`) the refs of objects whose content turns out to be a PDF."""
@@ -51,7 +73,11 @@ class ReadText(beam.PTransform):
         self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs, monitor)
 
     def expand(self, refs) -> ReadResult:
-        out = typed(refs | 'Read' >> beam.ParDo(self._fn).with_output_types(Chunk).with_outputs(
+        ranges = (refs
+                  | 'Plan' >> beam.FlatMap(plan_ranges, self._fn.split_size).with_output_types(
+                      TextRange)
+                  | 'Spread' >> beam.Reshuffle())
+        out = typed(ranges | 'Read' >> beam.ParDo(self._fn).with_output_types(Chunk).with_outputs(
             ERRORS, STATS, HANDED_OFF, main='chunks'),
             errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef)
         return ReadResult((out.chunks,), out[ERRORS], out[STATS], out[HANDED_OFF])
@@ -104,7 +130,7 @@ class ByteWindowReader:
 
 
 class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
-    """Splittable DoFn: ObjectRef -> Chunks, restricted to the byte range [start, stop).
+    """Splittable DoFn: TextRange -> Chunks, restricted to a byte range within it.
 
     Outputs chunks on the main output, ErrorRecords on 'errors', (uri, ObjectStats) on
     'stats', and on 'handed_off' the refs of objects whose first bytes hold a PDF header.
@@ -127,15 +153,15 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         self._slots = monitor.reads_per_worker
 
     # RestrictionProvider: the restriction is a byte range of the object.
-    def initial_restriction(self, ref: ObjectRef) -> OffsetRange:
-        return OffsetRange(0, ref.size)
+    def initial_restriction(self, part: TextRange) -> OffsetRange:
+        return OffsetRange(part.start, part.stop)
 
-    def restriction_size(self, ref: ObjectRef, restriction: OffsetRange) -> int:
+    def restriction_size(self, part: TextRange, restriction: OffsetRange) -> int:
         return restriction.size()
 
-    def process(self, ref: ObjectRef, tracker=beam.DoFn.RestrictionParam()):
+    def process(self, part: TextRange, tracker=beam.DoFn.RestrictionParam()):
         with read_slot(self._slots):
-            yield from self._read_restriction(ref, tracker)
+            yield from self._read_restriction(part.ref, tracker)
 
     def _read_restriction(self, ref: ObjectRef, tracker) -> Iterator:
         rng = tracker.current_restriction()
