@@ -1,19 +1,25 @@
-"""ragbeam on each engine, side by side in one run: the in-process FnApiRunner, Prism, and
-Flink embedded where its job server can be had (`pipeline.engines` says why not).
+"""ragbeam on each engine, side by side in one run: the in-process FnApiRunner, Prism, Flink
+embedded, and a standalone Flink cluster on 127.0.0.1 (one JobManager, one TaskManager with
+two slots, an EXTERNAL worker pool: `pipeline.flink`, as the tests start it), where the
+engine can be had (`pipeline.engines` says why not).
 
 Used by `bench.bench_text engines` (one generated text object: MB/s) and
 `bench.bench_pdf engines` (a PDF folder: pages/s). On every engine the same `ragbeam run
 --embedder hash --index-type none` is a measured subprocess; its process tree's RSS is summed
 per group: the Python processes (driver, LOOPBACK worker, PDF children), Prism's Go process,
-a JVM. Start-up is the wall time of the same command on a tiny input on that engine; the
+a JVM (the cluster's JobManager and TaskManager, and its worker pool's Python processes,
+are counted with the run's own). Start-up is the wall time of the same command on a tiny
+input on that engine (the cluster is started before, and its start is not counted); the
 rate divides by the wall time less it. Bytes read and dynamic splits come from report.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +34,29 @@ ENGINES = {
     'prism': ('--runner', 'PrismRunner'),
     'flink-embedded': ('--runner', 'FlinkRunner', '--flink_master', '[local]',
                        '--parallelism', '2', '--environment_type', 'LOOPBACK'),
+    'flink-cluster': None,  # flags of the cluster `engine_flags` starts
 }
+
+
+@contextlib.contextmanager
+def engine_flags(engine: str):
+    """(ragbeam flags, pids of the engine's processes that are not the run's children)."""
+    if ENGINES[engine] is not None:
+        yield ENGINES[engine], ()
+        return
+    from pipeline.flink import ClusterSettings, LocalCluster, free_port, worker_pool
+    with tempfile.TemporaryDirectory(prefix='bench-flink-') as folder, \
+            LocalCluster(Path(folder), ClusterSettings(slots=2)) as flink:
+        port = free_port()
+        pool = worker_pool(port)
+        try:
+            yield (('--runner', 'FlinkRunner', f'--flink_master={flink.master}',
+                    '--environment_type=EXTERNAL', f'--environment_config=localhost:{port}',
+                    '--parallelism=2'),
+                   [p.pid for p in (flink.jobmanager, *flink.taskmanagers, pool)])
+        finally:
+            pool.terminate()
+            pool.wait(timeout=30)
 
 
 @dataclass
@@ -58,6 +86,9 @@ def unavailable(engine: str) -> Optional[str]:
             engines.prism_binary()
         elif engine.startswith('flink'):
             engines.flink_job_server_jar(engines.default_flink_version())
+        if engine == 'flink-cluster':
+            from pipeline.flink import flink_home
+            flink_home()
     except engines.UsageError as e:
         return str(e)
     return None
@@ -72,13 +103,13 @@ def process_group(p) -> str:
     return 'python'
 
 
-def run_once(engine: str, path: str, workdir: str, extra=()):
-    """(Measurement, report.json) of `ragbeam run` on `path` on `engine`."""
+def run_once(engine: str, path: str, workdir: str, extra=(), flags=(), also=()):
+    """(Measurement, report.json) of `ragbeam run` on `path` on `engine` (its `flags`)."""
     out = os.path.join(workdir, f'out-{engine}')
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, '-m', 'pipeline', 'run', '--input', path, '--output', out,
-           '--embedder', 'hash', '--index-type', 'none', *extra, *ENGINES[engine]]
-    m = run_measured(cmd, group=process_group, cwd=REPO)
+           '--embedder', 'hash', '--index-type', 'none', *extra, *flags]
+    m = run_measured(cmd, group=process_group, also=also, cwd=REPO)
     report = {}
     if m.returncode == 0:
         with open(os.path.join(out, 'report.json')) as f:
@@ -96,8 +127,9 @@ def measure(engine: str, label: str, path: str, tiny: str, unit: str, workdir: s
     if why:
         print(f'{engine}: not run: {why}', flush=True)
         return EngineRun(engine, label, None, unit=unit, unavailable=why)
-    startup, _ = run_once(engine, tiny, workdir, extra)
-    m, report = run_once(engine, path, workdir, extra)
+    with engine_flags(engine) as (flags, also):
+        startup, _ = run_once(engine, tiny, workdir, extra, flags, also)
+        m, report = run_once(engine, path, workdir, extra, flags, also)
     counters = report.get('counters', {})
     units = (report.get('bytes_listed', 0) / MB if unit == 'MB'
              else counters.get('pdf_pages', 0))
@@ -129,7 +161,7 @@ def markdown(runs: list[EngineRun]) -> str:
              '| bytes read / listed | dynamic splits |', '|---|---:|---:|---:|---:|---:|---:|---:|']
     for r in runs:
         if r.unavailable:
-            lines.append(f'| {r.engine} | not run: job server not available | | | | | | |')
+            lines.append(f'| {r.engine} | not run: {r.unavailable} | | | | | | |')
             continue
         ratio = r.bytes_read / r.bytes_listed if r.bytes_listed else 0
         engine_rss = '-' if r.engine_peak_rss_mb is None else f'{r.engine_peak_rss_mb:.0f}'
@@ -153,7 +185,7 @@ def chart(runs: list[EngineRun], path: str) -> None:
               ('engine process peak RSS MB', lambda r: r.engine_peak_rss_mb or 0),
               ('start-up s', lambda r: r.startup_seconds))
     for ax, (title, value) in zip(axes, panels):
-        bars = ax.bar(names, [value(r) for r in ran], color=['C0', 'C1', 'C2'][:len(ran)])
+        bars = ax.bar(names, [value(r) for r in ran], color=[f'C{i}' for i in range(len(ran))])
         ax.bar_label(bars, fmt='%.1f', fontsize=8)
         ax.set_title(title)
     axes[1].axhline(512, color='grey', linestyle='--', linewidth=1)

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import psutil
 
@@ -34,9 +34,12 @@ class Measurement:
 
 
 def run_measured(cmd: list[str], interval: float = 0.05,
-                 group: Callable[[psutil.Process], str] | None = None, **popen) -> Measurement:
+                 group: Callable[[psutil.Process], str] | None = None,
+                 also: Sequence[int] = (), **popen) -> Measurement:
     """Runs `cmd`, sampling the summed RSS of the process and its descendants; with `group`,
-    also the peak of each group's summed RSS (Python workers apart from an engine's JVM)."""
+    also the peak of each group's summed RSS (Python workers apart from an engine's JVM).
+    `also`: the pids of processes that work for the command without being its children (a
+    Flink cluster, a worker pool), counted with their descendants."""
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
@@ -49,6 +52,12 @@ def run_measured(cmd: list[str], interval: float = 0.05,
     while proc.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
+            for pid in also:
+                try:
+                    other = psutil.Process(pid)
+                    tree += [other] + other.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
             sizes = [(p, _rss(p)) for p in tree]
             peak = max(peak, sum(size for _, size in sizes))
             peak_anon = max(peak_anon, sum(anon_mb(p.pid) for p in tree))

@@ -98,7 +98,9 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
     _ = (written
          | 'AllWritten' >> beam.Flatten()
          | 'WriteFileList' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'written'),
-                                                  file_name_suffix='.txt', num_shards=1))
+                                                  file_name_suffix='.txt', num_shards=1,
+                                                  skip_if_empty=True))  # (an empty file
+    # fails on S3: Beam's s3io completes a multipart upload of no parts)
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
     _ = ((diff.read, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
@@ -157,10 +159,9 @@ def run(opts: RunOptions) -> dict | None:
     build(p, opts, plan)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: embedder %s (%s); running on %s (%s workers); %s', opts.embed.embedder,
+    _log.info('ragbeam: embedder %s (%s); running on %s (%s); %s', opts.embed.embedder,
               describe_embedder(opts.embed.embedder, opts.embed.device, opts.embed.runtime),
-              options.view_as(StandardOptions).runner
-              or 'FnApiRunner', options.view_as(DirectOptions).direct_num_workers or 1,
+              options.view_as(StandardOptions).runner or 'FnApiRunner', _workers(options),
               f'incremental over table version {committed.version}'
               if committed.version is not None and not opts.backfill.full else 'full run')
     with RunMonitor() as monitor, lost_streams_in_one_line():
@@ -211,6 +212,14 @@ def run(opts: RunOptions) -> dict | None:
     corpus.clean_staging(opts.output, storage, plan.run_id)
     outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
     return report
+
+
+def _workers(options) -> str:
+    """The parallelism the run asked for, as the first log line says it."""
+    if options.view_as(StandardOptions).runner is None:
+        return f'{options.view_as(DirectOptions).direct_num_workers or 1} workers'
+    parallelism = options.get_all_options().get('parallelism') or -1  # -1: the runner's own
+    return f'parallelism {parallelism}' if parallelism > 0 else "the runner's parallelism"
 
 
 def wait(result) -> None:

@@ -34,8 +34,43 @@ def pytest_configure(config):
                                 f'checker is missing under {SHARED}')
 
 
+# How the workers of `./run_local.sh test` (pytest-xdist, --dist loadfile) share the suite:
+# a unit is a file, or files that share a costly session fixture (the engine tests all compare
+# with corpus_run, which each worker would otherwise make again); the units that took longest
+# in CI go first (seconds, roughly, on 2 cores; a file not listed goes last), so the two
+# workers finish close together.
+UNITS = {'test_runners.py': 'engines', 'test_flink.py': 'engines'}
+UNIT_SECONDS = {'engines': 580, 'test_minilm.py': 350, 'test_index.py': 340,
+                'test_backfill_s3.py': 290, 'test_backfill.py': 250, 'test_stores.py': 220,
+                'test_pdf.py': 150, 'test_memory.py': 120, 'test_monitor.py': 100,
+                'test_chunk.py': 70, 'test_entities.py': 60, 'test_hybrid.py': 45,
+                'test_cli.py': 40, 'test_pipeline_text.py': 35}
+
+
+def _unit(path: str) -> str:
+    name = Path(path).name
+    return UNITS.get(name, name)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile over the units above, in the order the collection gives them."""
+    if config.getoption('dist') != 'loadfile':
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(super()._split_scope(nodeid))
+
+    config.option.loadscopereorder = False  # xdist's own order: most tests first
+    return Units(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Without ../shared, the tests of modules that use the corpus skip, with one reason."""
+    """The longest units first (UNIT_SECONDS), each unit's tests together; without
+    ../shared, the tests of modules that use the corpus skip, with one reason."""
+    items.sort(key=lambda item: (-UNIT_SECONDS.get(_unit(item.nodeid.split('::')[0]), 0),
+                                 _unit(item.nodeid.split('::')[0])))
     if HAVE_SHARED:
         return
     skip = pytest.mark.skip(reason=SHARED_MISSING)

@@ -184,7 +184,7 @@ def test_an_incremental_commit_updates_ivfpq_masking_what_it_removed(synthetic, 
     moved = [i for i in range(n + 500) if i % 97 == 7]                        # new vectors
     DeltaTable(table).delete("uri = 'file:///synthetic/7.txt'")
     changed = vectors.copy()  # new vectors: rows of the fixture that this table never holds
-    changed[moved] = vectors[100_000:100_000 + len(moved)]
+    changed[moved] = vectors[50_000:50_000 + len(moved)]
     write_deltalake(table, _delta_rows(changed, ids, moved), mode='append')
     version = DeltaTable(table).version()
     meta = build_index(str(tmp_path), 'ivfpq', table_version=version, rebuild_fraction=0.1,
