@@ -3,6 +3,7 @@ tree, and retrieval that finds known chunks."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,10 +52,22 @@ def test_batching_does_not_change_vectors():
 
 
 @pytest.fixture(scope='module')
-def minilm_measured(tmp_path_factory):
-    """A minilm run over the shared texts, its process tree sampled as bench/measure.py does."""
+def texts(tmp_path_factory):
+    """The shared texts but world192.txt: 2,400 of their 2,969 chunks, 2.5 minutes of the
+    model on 2 cores, and no case the others lack (the embed batches, which bound the
+    memory, are full either way); `bench.bench_embed` leaves it out too."""
+    folder = tmp_path_factory.mktemp('texts')
+    for path in (CORPUS / 'text').iterdir():
+        if path.name != 'world192.txt':
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def minilm_measured(texts, tmp_path_factory):
+    """A minilm run over the texts, its process tree sampled as bench/measure.py does."""
     out = tmp_path_factory.mktemp('minilm') / 'out'
-    return out, measured_run('minilm over the shared texts', out, '--input', CORPUS / 'text',
+    return out, measured_run('minilm over the shared texts', out, '--input', texts,
                              '--embedder', 'minilm', '--device', 'cpu')
 
 
@@ -76,23 +89,23 @@ def test_a_minilm_run_fits_a_512mb_worker(minilm_measured):
     assert {'read', 'embed', 'write'} <= set(report['stages'])
 
 
-def test_a_minilm_run_meets_the_contracts(minilm_run):
-    check_output(minilm_run, '--input', CORPUS / 'text')
+def test_a_minilm_run_meets_the_contracts(minilm_run, texts):
+    check_output(minilm_run, '--input', texts)
     report = json.loads((minilm_run / 'report.json').read_text())
     assert report['embedder'] == 'minilm' and report['index']['model'] == MiniLMEmbedder.name
 
 
 def test_minilm_finds_known_chunks_with_the_lexical_index(minilm_run):
-    """200 probes: hybrid >= 0.98 and lexical >= 0.95 (measured 0.99 and 0.99). The model
-    alone finds 55 % (README, "Hybrid retrieval": the corpus is mostly near-identical factbook
-    entries it cannot tell apart), the regression guard below."""
+    """200 probes: hybrid >= 0.98 and lexical >= 0.95 (measured 0.995 and 0.995). The model
+    alone finds 80 % of them here (55 % with world192.txt's near-identical factbook entries,
+    which it cannot tell apart: README, "Hybrid retrieval"), the regression guard below."""
     found = probes(str(minilm_run), 200)
     model = MiniLMEmbedder(device='cpu')
     rates = {mode: recall_at_10(str(minilm_run), model, mode, found)
              for mode in ('dense', 'lexical', 'hybrid')}
     print(f'minilm known-item recall@10: {rates}')
     assert rates['hybrid'] >= 0.98 and rates['lexical'] >= 0.95
-    assert rates['dense'] >= 0.50
+    assert rates['dense'] >= 0.70
 
 
 def test_query_with_minilm_prints_nearest_chunks(minilm_run):
