@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import CORPUS, check_output, measured_run, ragbeam
+from tests.conftest import check_output, measured_run, ragbeam
 from transforms.entities import model_module
 
 pytestmark = pytest.mark.skipif(model_module() is None, reason='no spaCy English model '
@@ -15,22 +14,11 @@ pytestmark = pytest.mark.skipif(model_module() is None, reason='no spaCy English
 
 
 @pytest.fixture(scope='module')
-def texts(tmp_path_factory):
-    """The shared texts but world192.txt (2.4 of their 2.9 MB, and 2,400 of 2,969 chunks: at
-    ~43 chunks/s the model would spend a minute more on it, and no new case)."""
-    folder = tmp_path_factory.mktemp('texts')
-    for path in (CORPUS / 'text').iterdir():
-        if path.name != 'world192.txt':
-            shutil.copy2(path, folder / path.name)
-    return folder
-
-
-@pytest.fixture(scope='module')
-def entities_run(texts, tmp_path_factory):
-    """The texts with --entities spacy, measured like a user's run."""
+def entities_run(model_texts, tmp_path_factory):
+    """The shared texts but world192.txt with --entities spacy, measured like a user's run."""
     out = tmp_path_factory.mktemp('entities') / 'out'
     return out, measured_run('--entities spacy over the shared texts', out, '--input',
-                             texts, '--embedder', 'hash', '--entities', 'spacy')
+                             model_texts, '--embedder', 'hash', '--entities', 'spacy')
 
 
 def _rows(out):
@@ -38,9 +26,9 @@ def _rows(out):
         columns=['chunk_id', 'uri', 'text', 'entities']).to_pylist()
 
 
-def test_entity_offsets_are_exact(entities_run, texts):
+def test_entity_offsets_are_exact(entities_run, model_texts):
     out, m = entities_run
-    check_output(out, '--input', texts)
+    check_output(out, '--input', model_texts)
     rows = _rows(out)
     found = [(r, e) for r in rows for e in r['entities']]
     assert len(found) > 1000 and all(r['entities'] is not None for r in rows)
@@ -50,10 +38,10 @@ def test_entity_offsets_are_exact(entities_run, texts):
     assert m.peak_anon_mb < 400
 
 
-def test_chunk_ids_do_not_change_with_entities(entities_run, texts, tmp_path):
+def test_chunk_ids_do_not_change_with_entities(entities_run, model_texts, tmp_path):
     with_entities = {(r['chunk_id'], r['text']) for r in _rows(entities_run[0])}
     plain = tmp_path / 'plain'
-    ragbeam('run', '--input', texts, '--output', plain)
+    ragbeam('run', '--input', model_texts, '--output', plain)
     without = ds.dataset(plain / 'chunks').to_table(columns=['chunk_id', 'text'])
     assert with_entities == set(zip(*(without.column(c).to_pylist() for c in ('chunk_id', 'text'))))
     assert ds.dataset(plain / 'chunks').to_table(columns=['entities']).column(

@@ -3,7 +3,6 @@ tree, and retrieval that finds known chunks."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.known_item import probes, recall_at_10
-from tests.conftest import CORPUS, ROOT, check_output, measured_run, ragbeam
+from tests.conftest import ROOT, check_output, measured_run, ragbeam
 from transforms.minilm import MiniLMEmbedder
 
 REFERENCE = Path(__file__).with_name('fixtures') / 'minilm_reference.json'
@@ -52,22 +51,11 @@ def test_batching_does_not_change_vectors():
 
 
 @pytest.fixture(scope='module')
-def texts(tmp_path_factory):
-    """The shared texts but world192.txt: 2,400 of their 2,969 chunks, 2.5 minutes of the
-    model on 2 cores, and no case the others lack (the embed batches, which bound the
-    memory, are full either way); `bench.bench_embed` leaves it out too."""
-    folder = tmp_path_factory.mktemp('texts')
-    for path in (CORPUS / 'text').iterdir():
-        if path.name != 'world192.txt':
-            shutil.copy2(path, folder / path.name)
-    return folder
-
-
-@pytest.fixture(scope='module')
-def minilm_measured(texts, tmp_path_factory):
-    """A minilm run over the texts, its process tree sampled as bench/measure.py does."""
+def minilm_measured(model_texts, tmp_path_factory):
+    """A minilm run over the shared texts but world192.txt, its process tree sampled as
+    bench/measure.py does."""
     out = tmp_path_factory.mktemp('minilm') / 'out'
-    return out, measured_run('minilm over the shared texts', out, '--input', texts,
+    return out, measured_run('minilm over the shared texts', out, '--input', model_texts,
                              '--embedder', 'minilm', '--device', 'cpu')
 
 
@@ -89,8 +77,8 @@ def test_a_minilm_run_fits_a_512mb_worker(minilm_measured):
     assert {'read', 'embed', 'write'} <= set(report['stages'])
 
 
-def test_a_minilm_run_meets_the_contracts(minilm_run, texts):
-    check_output(minilm_run, '--input', texts)
+def test_a_minilm_run_meets_the_contracts(minilm_run, model_texts):
+    check_output(minilm_run, '--input', model_texts)
     report = json.loads((minilm_run / 'report.json').read_text())
     assert report['embedder'] == 'minilm' and report['index']['model'] == MiniLMEmbedder.name
 
