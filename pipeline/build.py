@@ -95,12 +95,12 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
                            | f'Embed/{name}' >> Embed(opts.embed, watch)
                            | f'Write/{name}' >> WriteChunks(outputs.path(chunks_staging, name),
                                                             opts.embed.dim, watch))
+    # the chunk files to commit; none is no file (Beam's s3io fails to upload an empty one)
     _ = (written
          | 'AllWritten' >> beam.Flatten()
          | 'WriteFileList' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'written'),
                                                   file_name_suffix='.txt', num_shards=1,
-                                                  skip_if_empty=True))  # (an empty file
-    # fails on S3: Beam's s3io completes a multipart upload of no parts)
+                                                  skip_if_empty=True))
     stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
     _ = ((diff.read, stats, routes.skipped)
          | 'Manifest' >> BuildManifest()
@@ -177,7 +177,7 @@ def run(opts: RunOptions) -> dict | None:
     corpus.crash_point('after-pipeline')
     staged = outputs.ParquetFolder(run_folder(opts.output, plan.run_id, 'manifest'),
                                    opts.store).table(MANIFEST_SCHEMA.names)
-    written = sorted(_read_lines(run_folder(opts.output, plan.run_id, 'written*.txt')))
+    written = list(_read_lines(run_folder(opts.output, plan.run_id, 'written*.txt')))
     staged, incomplete = corpus.check_staged(written, staged)
     if incomplete:
         with FileSystems.create(run_folder(opts.output, plan.run_id, 'errors',
