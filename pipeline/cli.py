@@ -29,7 +29,7 @@ from transforms import outputs
 from transforms.index import IndexOptions, MissingChunksError
 from transforms.listing import NoMatchError
 from transforms.outputs import OutputError
-from transforms.store import StoreConfig
+from transforms.store import StoreConfig, StoreError, require_credentials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,8 +103,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _store(args) -> StoreConfig:
-    """The store settings of `index` and `query`, also applied to Beam's FileSystems."""
+    """The store settings of `index`, `query`, `report` and `history`, also applied to Beam's
+    FileSystems; an output on S3 without credentials fails here, in one line."""
     config = from_args(StoreConfig, args)
+    try:
+        require_credentials(args.output)
+    except StoreError as e:
+        raise UsageError(str(e)) from e
     outputs.configure(PipelineOptions(store_beam_args(config, [])))
     return config
 

@@ -53,6 +53,7 @@ def _unit(path: str) -> str:
     return UNITS.get(name, name)
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (`-p no:xdist`), the suite runs as usual
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadfile over the units above, in the order the collection gives them."""
     if config.getoption('dist') != 'loadfile':

@@ -37,6 +37,25 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.parametrize('command', [['run', '--input', str(CORPUS / 'text')], ['query', 'hello'],
+                                     ['index'], ['report'], ['history']])
+def test_an_s3_output_without_credentials_is_a_one_line_error(monkeypatch, command):
+    """Before Beam's s3io is asked anything (it retried for minutes on `query`)."""
+    for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', '/nonexistent')
+    monkeypatch.setenv('AWS_CONFIG_FILE', '/nonexistent')
+    monkeypatch.setenv('AWS_EC2_METADATA_DISABLED', 'true')
+    monkeypatch.setenv('AWS_DEFAULT_REGION', 'us-east-1')
+    proc = ragbeam(command[0], '--output', 's3://results/run1', *command[1:], check=False,
+                   timeout=60)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert line == ('ragbeam: error: s3://results/run1: no AWS credentials found (set '
+                    'AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, as for the '
+                    'aws command)'), proc.stderr
+
+
 def test_the_readme_option_table_is_the_help(capsys):
     """Every `ragbeam run` flag is in the README's table with its default, and nothing else."""
     from pipeline.cli import parser

@@ -13,7 +13,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.ranged_file import RangedFile
-from transforms.store import Store, StoreConfig, store_for
+from transforms.store import (Store, StoreConfig, StoreError, require_credentials,
+                              share_beam_s3_clients, store_for)
 from transforms.types import ObjectRef
 
 
@@ -34,6 +35,7 @@ def is_local(output: str) -> bool:
 def configure(options: PipelineOptions) -> None:
     """Points Beam's FileSystems (which write the outputs) at the run's stores and credentials."""
     FileSystems.set_options(options)
+    share_beam_s3_clients()
     if os.environ.get('STORAGE_EMULATOR_HOST'):
         # Emulator mode needs no credentials; without this Beam spends ~20 s looking for them.
         from apache_beam.internal.gcp import auth
@@ -48,6 +50,10 @@ def prepare(output: str) -> None:
         raise OutputError(f'--output {output}: a corpus on gs:// is not supported yet (its Delta '
                           'tables are committed with delta-rs, untested on GCS here); write to '
                           'a local folder or s3://, inputs may stay on gs://')
+    try:
+        require_credentials(output)
+    except StoreError as e:
+        raise OutputError(str(e)) from e
     try:
         if is_local(output):
             os.makedirs(output, exist_ok=True)

@@ -20,6 +20,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.batch import BatchBounded
 from transforms.monitor import WORK, MonitorOptions, StageMonitor
+from transforms.store import share_beam_s3_clients
 from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema, embedding_dim
 
 ROW_GROUP_ROWS = 4096
@@ -86,6 +87,9 @@ class _WriteParquet(beam.DoFn):
         self._prefix = prefix
         self._schema = schema
         self._path = self._file = self._writer = None
+
+    def setup(self):
+        share_beam_s3_clients()
 
     def start_bundle(self):
         self._path = self._file = self._writer = None

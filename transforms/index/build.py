@@ -23,7 +23,7 @@ from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, META_
 from transforms.index.plan import (BATCH_ROWS, HNSW_M, Plan, Shard, choose_type, embeddings,
                                    part_vectors, plan)
 from transforms.index.update import try_update
-from transforms.store import StoreConfig
+from transforms.store import StoreConfig, share_beam_s3_clients
 
 SHARD_ROWS = 250_000             # vectors one worker adds (its memory: ~440 bytes each)
 IVF_RERANK = 64                  # candidates per result re-ranked with the SQ8 vectors
@@ -184,6 +184,9 @@ class AddShard(beam.DoFn):
     def __init__(self, index_dir: str, config: StoreConfig):
         self._dir = index_dir
         self._config = config
+
+    def setup(self):
+        share_beam_s3_clients()
 
     def process(self, shard: Shard) -> Iterator[int]:
         with tempfile.TemporaryDirectory(prefix='ragbeam-shard-') as tmp:
