@@ -258,15 +258,17 @@ def bench(sizes: str, workdir: str, out: str) -> int:
     return 0 if summ['all_runs_ok'] else 1
 
 
-def bench_engines(size: str, workdir: str, out: str) -> int:
-    """One generated object on every engine, MB/s side by side: OUT/text-engines.json and .png."""
+def bench_engines(size: str, workdir: str, out: str, only: Sequence[str] = ()) -> int:
+    """One generated object on every engine (or those in `only`), MB/s side by side:
+    OUT/text-engines.json and .png."""
     from bench import engines
 
     os.makedirs(workdir, exist_ok=True)
     path = input_file(workdir, size, parse_size(size))
     tiny = input_file(workdir, '1KiB', 1024)
     warm_cache(path)
-    return engines.bench('text-engines', f'{size} text object', path, tiny, 'MB', workdir, out)
+    return engines.bench('text-engines', f'{size} text object', path, tiny, 'MB', workdir, out,
+                         only=only)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -279,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command')
     engines = sub.add_parser('engines', help='one object on each engine (bench.engines)')
     engines.add_argument('--size', default='1GiB', help='the generated object\'s size')
+    engines.add_argument('--engines', default='', help='comma-separated subset of the engines '
+                         '(fnapi, prism, flink-embedded, flink-cluster); default all')
     naive = sub.add_parser('naive', help='run the naive whole-file pipeline alone')
     naive.add_argument('--input', required=True, metavar='PATTERN')
     naive.add_argument('--output', required=True, metavar='DIR')
@@ -291,7 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_naive(args.input, args.output)
         return 0
     if args.command == 'engines':
-        return bench_engines(args.size, args.workdir, args.out)
+        return bench_engines(args.size, args.workdir, args.out,
+                             [e for e in args.engines.split(',') if e])
     return bench(args.sizes, args.workdir, args.out)
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from bench.measure import run_measured, save_figure, save_report
 from pipeline import engines
@@ -195,11 +195,17 @@ def chart(runs: list[EngineRun], path: str) -> None:
 
 
 def bench(name: str, label: str, path: str, tiny: str, unit: str, workdir: str, out: str,
-          extra=()) -> int:
-    """Every engine on `path`; prints the table, writes OUT/NAME.json and .png."""
+          extra=(), only: Sequence[str] = ()) -> int:
+    """Every engine (or those in `only`) on `path`; prints the table, writes OUT/NAME.json and
+    .png (NAME-ENGINE-...json and .png for a subset)."""
+    unknown = set(only) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f'unknown engines {sorted(unknown)}; known: {", ".join(ENGINES)}')
+    if only:
+        name = '-'.join((name, *only))
     os.makedirs(workdir, exist_ok=True)
     runs = []
-    for engine in ENGINES:
+    for engine in only or ENGINES:
         print(f'{label}: {engine} ...', flush=True)
         runs.append(measure(engine, label, path, tiny, unit, workdir, extra))
     summ = summary(runs)

@@ -35,6 +35,13 @@ FLINK_JVM_PROPERTIES = ('--add-opens=java.base/java.lang=ALL-UNNAMED',
                         '--add-opens=java.base/java.nio=ALL-UNNAMED',
                         '--add-opens=java.base/java.util=ALL-UNNAMED')
 _BUILD_SECONDS = 900
+PRISM_JOB_SERVER_TIMEOUT = 7 * 24 * 3600
+"""`--job_server_timeout` on Prism unless given. Beam 2.62's PortableRunner opens the job's
+state and message streams with that timeout as their deadline (default 60 s), and Prism,
+unlike Flink's job server, serves them by preparation id, so every Prism job longer than a
+minute failed with DEADLINE_EXCEEDED (seen: a 1 GiB text, `bench.bench_text engines`; Beam
+issue #35867). The other calls it bounds are to the Prism process ragbeam itself started,
+and a Prism that dies still ends the streams at once (UNAVAILABLE)."""
 
 
 def cache_root() -> Path:
@@ -165,10 +172,15 @@ def write_launcher(path: Path, main_class: str, jars: list[str]) -> None:
 
 def runner_args(args: list[str]) -> list[str]:
     """Beam args with the Prism binary or Flink job server filled in when the runner needs
-    one and none is given."""
+    one and none is given (and Prism's job-server timeout: PRISM_JOB_SERVER_TIMEOUT)."""
     runner = _flag_value(args, '--runner')
-    if runner in ('PrismRunner', 'prism') and _flag_value(args, '--prism_location') is None:
-        return args + [f'--prism_location={prism_binary()}']
+    if runner in ('PrismRunner', 'prism'):
+        extra = []
+        if _flag_value(args, '--prism_location') is None:
+            extra.append(f'--prism_location={prism_binary()}')
+        if not any(_flag_value(args, f) for f in ('--job_server_timeout', '--job-server-timeout')):
+            extra.append(f'--job_server_timeout={PRISM_JOB_SERVER_TIMEOUT}')
+        return args + extra
     if runner in ('FlinkRunner', 'flink'):
         extra = []
         if _flag_value(args, '--flink_job_server_jar') is None:

@@ -149,6 +149,24 @@ def test_prism_splits_while_reading_and_the_chunks_do_not_change(prism_engine, m
     assert any(cuts), 'Prism cut no restriction in 3 runs: nothing was exercised'
 
 
+def test_prism_jobs_get_a_job_server_timeout_past_beams_60_second_stream_deadline(tmp_path):
+    """Beam 2.62 gives Prism's state and message streams the job-server timeout as their
+    deadline: at its default of 60 s, every longer Prism job failed (a 1 GiB text in
+    `bench.bench_text engines`). ragbeam passes a week unless the user gives a timeout."""
+    from pipeline.engines import PRISM_JOB_SERVER_TIMEOUT, runner_args
+
+    binary = str(tmp_path / 'prism')
+    assert PRISM_JOB_SERVER_TIMEOUT >= 24 * 3600
+    assert runner_args(['--runner', 'PrismRunner', f'--prism_location={binary}']) == [
+        '--runner', 'PrismRunner', f'--prism_location={binary}',
+        f'--job_server_timeout={PRISM_JOB_SERVER_TIMEOUT}']
+    for timeout in (['--job_server_timeout', '30'], ['--job-server-timeout=30']):
+        args = ['--runner', 'PrismRunner', f'--prism_location={binary}', *timeout]
+        assert runner_args(args) == args
+    assert not any('timeout' in a for a in runner_args(['--runner', 'FlinkRunner',
+                                                        '--flink_job_server_jar=x.jar']))
+
+
 def _without_toolchains(tmp_path) -> dict:
     """An environment whose PATH has no go, mvn or java, and an empty engine cache."""
     empty = tmp_path / 'bin'
