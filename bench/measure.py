@@ -31,6 +31,7 @@ class Measurement:
     output: str
     peak_anon_mb: float = 0.0  # RSS less file-backed pages (see the module's note)
     peak_rss_mb_by: dict = field(default_factory=dict)  # per group of processes, with `group`
+    peak_process_rss_mb_by: dict = field(default_factory=dict)  # its largest single process
 
 
 def run_measured(cmd: list[str], interval: float = 0.05,
@@ -46,6 +47,7 @@ def run_measured(cmd: list[str], interval: float = 0.05,
     root = psutil.Process(proc.pid)
     peak = peak_anon = 0
     peak_by: dict[str, int] = {}
+    process_peak_by: dict[str, int] = {}
     chunks = []
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
     reader.start()
@@ -66,6 +68,7 @@ def run_measured(cmd: list[str], interval: float = 0.05,
                 for p, size in sizes:
                     key = _group_of(group, p)
                     now[key] = now.get(key, 0) + size
+                    process_peak_by[key] = max(process_peak_by.get(key, 0), size)
                 for key, size in now.items():
                     peak_by[key] = max(peak_by.get(key, 0), size)
         except psutil.NoSuchProcess:
@@ -73,7 +76,11 @@ def run_measured(cmd: list[str], interval: float = 0.05,
         time.sleep(interval)
     reader.join()
     return Measurement(proc.returncode, time.time() - started, peak / 2**20, ''.join(chunks),
-                       peak_anon, {k: round(v / 2**20, 1) for k, v in sorted(peak_by.items())})
+                       peak_anon, _mb(peak_by), _mb(process_peak_by))
+
+
+def _mb(by: dict[str, int]) -> dict[str, float]:
+    return {k: round(v / 2**20, 1) for k, v in sorted(by.items())}
 
 
 def _group_of(group: Callable[[psutil.Process], str], p: psutil.Process) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bench.known_item import probes, recall_at_10
-from tests.conftest import ROOT, check_output, measured_run, ragbeam
+from tests.conftest import CORPUS as SHARED_CORPUS  # not `CORPUS`: that skips the whole module
+from tests.conftest import HAVE_SHARED, ROOT, SHARED_MISSING, check_output, measured_run, ragbeam
 from transforms.minilm import MiniLMEmbedder
 
 REFERENCE = Path(__file__).with_name('fixtures') / 'minilm_reference.json'
@@ -51,11 +52,18 @@ def test_batching_does_not_change_vectors():
 
 
 @pytest.fixture(scope='module')
-def minilm_measured(model_texts, tmp_path_factory):
-    """A minilm run over the shared texts but world192.txt, its process tree sampled as
-    bench/measure.py does."""
+def shared_texts() -> Path:
+    if not HAVE_SHARED:
+        pytest.skip(SHARED_MISSING)
+    return SHARED_CORPUS / 'text'
+
+
+@pytest.fixture(scope='module')
+def minilm_measured(shared_texts, tmp_path_factory):
+    """A minilm run over the whole shared text corpus (2,969 chunks), its process tree
+    sampled as bench/measure.py does."""
     out = tmp_path_factory.mktemp('minilm') / 'out'
-    return out, measured_run('minilm over the shared texts', out, '--input', model_texts,
+    return out, measured_run('minilm over the shared texts', out, '--input', shared_texts,
                              '--embedder', 'minilm', '--device', 'cpu')
 
 
@@ -77,23 +85,24 @@ def test_a_minilm_run_fits_a_512mb_worker(minilm_measured):
     assert {'read', 'embed', 'write'} <= set(report['stages'])
 
 
-def test_a_minilm_run_meets_the_contracts(minilm_run, model_texts):
-    check_output(minilm_run, '--input', model_texts)
+def test_a_minilm_run_meets_the_contracts(minilm_run, shared_texts):
+    check_output(minilm_run, '--input', shared_texts)
     report = json.loads((minilm_run / 'report.json').read_text())
     assert report['embedder'] == 'minilm' and report['index']['model'] == MiniLMEmbedder.name
 
 
 def test_minilm_finds_known_chunks_with_the_lexical_index(minilm_run):
-    """200 probes: hybrid >= 0.98 and lexical >= 0.95 (measured 0.995 and 0.995). The model
-    alone finds 80 % of them here (55 % with world192.txt's near-identical factbook entries,
-    which it cannot tell apart: README, "Hybrid retrieval"), the regression guard below."""
+    """200 probes over the whole shared text corpus: hybrid >= 0.98 and lexical >= 0.95
+    (measured 0.995 and 1.0). The model alone finds 50 % of them (80 % without world192.txt,
+    whose near-identical factbook entries are 80 % of the chunks and which it cannot tell
+    apart: README, "Hybrid retrieval"), the regression guard below."""
     found = probes(str(minilm_run), 200)
     model = MiniLMEmbedder(device='cpu')
     rates = {mode: recall_at_10(str(minilm_run), model, mode, found)
              for mode in ('dense', 'lexical', 'hybrid')}
     print(f'minilm known-item recall@10: {rates}')
     assert rates['hybrid'] >= 0.98 and rates['lexical'] >= 0.95
-    assert rates['dense'] >= 0.70
+    assert rates['dense'] >= 0.45
 
 
 def test_query_with_minilm_prints_nearest_chunks(minilm_run):

@@ -191,6 +191,20 @@ def test_a_missing_engine_is_a_one_line_error_naming_the_command(runner, names, 
     assert not (tmp_path / 'out' / 'report.json').exists()
 
 
+def _engine_process(parent, name: str, marker: str):
+    """The first process under `parent` that is named `name` and has `marker` in an argument
+    (the job server, not a version probe or a shell): a short-lived child may end between
+    the listing and the look at it, and is passed over."""
+    import psutil
+    for child in parent.children(recursive=True):
+        try:
+            if child.name().startswith(name) and any(marker in a for a in child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
 @pytest.mark.parametrize('engine', ['prism', 'flink'])
 def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(engine, request,
                                                                           tmp_path):
@@ -203,9 +217,10 @@ def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(engine
     from bench.generate import write_text
 
     request.getfixturevalue(f'{engine}_engine')  # built or fetched, or the reason to skip
-    runner, process = {'prism': (['--runner', 'PrismRunner'], 'prism'),
-                       'flink': (['--runner', 'FlinkRunner', '--flink_master=[local]'],
-                                 'java')}[engine]
+    runner, process, marker = {
+        'prism': (['--runner', 'PrismRunner'], 'prism', 'prism'),
+        'flink': (['--runner', 'FlinkRunner', '--flink_master=[local]'], 'java', 'job-server'),
+    }[engine]
 
     src = tmp_path / 'src'
     src.mkdir()
@@ -215,8 +230,8 @@ def test_an_engine_killed_mid_run_fails_the_run_and_keeps_the_last_commit(engine
     committed = check_output(out, '--input', src)
     write_text(str(src / 'big.txt'), 40 << 20)  # long enough to be killed in the middle of
     proc = run_in_background('run', '--input', src, '--output', out, *runner)
-    victim = wait_for(lambda: next((p for p in psutil.Process(proc.pid).children(recursive=True)
-                                    if p.name().startswith(process)), None), proc, every=0.1)
+    victim = wait_for(lambda: _engine_process(psutil.Process(proc.pid), process, marker), proc,
+                      every=0.1)
     assert victim is not None, f'the {process} process never started'
     # the job is running: the engine has its workers' bundles (Flink's JVM starts slower)
     time.sleep(2 if engine == 'prism' else 15)
