@@ -188,27 +188,47 @@ def markdown(runs: list[EngineRun]) -> str:
 
 
 def chart(runs: list[EngineRun], path: str) -> None:
-    """Four panels, one bar per engine: rate, Python RSS, engine RSS, start-up."""
+    """Four panels, bars per engine: the two rates, the Python RSS (summed and the largest
+    process), the engine's RSS, start-up."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     ran = [r for r in runs if r.returncode == 0]
     names = [r.engine for r in ran]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
-    panels = ((f'{runs[0].unit}/s (less start-up; 0: start-up is most of the run)',
-               lambda r: r.rate or 0),
-              ('Python peak RSS MB', lambda r: r.python_peak_rss_mb),
-              ('engine process peak RSS MB', lambda r: r.engine_peak_rss_mb or 0),
-              ('start-up s', lambda r: r.startup_seconds))
-    for ax, (title, value) in zip(axes, panels):
-        bars = ax.bar(names, [value(r) for r in ran], color=[f'C{i}' for i in range(len(ran))])
-        ax.bar_label(bars, fmt='%.1f', fontsize=8)
-        ax.set_title(title)
+    unit = runs[0].unit
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
+    panels = ((f'{unit}/s', (('less start-up (none: start-up is most of the run)',
+                              lambda r: r.rate or 0), ('overall', lambda r: r.overall_rate))),
+              ('Python peak RSS MB', (('summed', lambda r: r.python_peak_rss_mb),
+                                      ('largest process', lambda r: r.python_process_peak_rss_mb))),
+              ('engine processes peak RSS MB', (('', lambda r: r.engine_peak_rss_mb or 0),)),
+              ('start-up s', (('', lambda r: r.startup_seconds),)))
+    for ax, (title, series) in zip(axes, panels):
+        width = 0.8 / len(series)
+        top = max((value(r) for _, value in series for r in ran), default=0) or 1
+        ax.set_ylim(0, top * (1.35 if len(series) > 1 else 1.1))  # room for the legend
+        for i, (label, value) in enumerate(series):
+            values = [value(r) for r in ran]
+            bars = ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(ran))],
+                          values, width, label=label or None, color=f'C{i}')
+            ax.bar_label(bars, [f'{v:.0f}' if v >= 100 else f'{v:.3g}' for v in values],
+                         fontsize=7)
+        ax.set_xticks(range(len(ran)), names, rotation=20, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if len(series) > 1:
+            ax.legend(fontsize=7, loc='upper left')
     axes[1].axhline(512, color='grey', linestyle='--', linewidth=1)
     skipped = ', '.join(r.engine for r in runs if r.unavailable)
     save_figure(fig, path, f'ragbeam on each engine: {runs[0].input}'
                 + (f' (not run: {skipped})' if skipped else ''))
+
+
+def redraw(report: str) -> None:
+    """Draws the PNG of a saved NAME.json again, beside it."""
+    with open(report) as f:
+        runs = [EngineRun(**r) for r in json.load(f)['runs']]
+    chart(runs, report[:-len('.json')] + '.png')
 
 
 def bench(name: str, label: str, path: str, tiny: str, unit: str, workdir: str, out: str,
