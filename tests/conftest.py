@@ -169,14 +169,21 @@ def text_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='session')
-def model_texts(tmp_path_factory) -> Path:
+def shared_texts() -> Path:
+    """The shared text corpus, for a module that does not skip whole without it (the minilm
+    run); the test skips with one reason where it is missing."""
+    if not HAVE_SHARED:
+        pytest.skip(SHARED_MISSING)
+    return CORPUS / 'text'
+
+
+@pytest.fixture(scope='session')
+def model_texts(shared_texts, tmp_path_factory) -> Path:
     """The shared texts but world192.txt, for the spaCy run (tests/test_entities.py): that file
     is 2,400 of the texts' 2,969 chunks, near-identical factbook entries, minutes of spaCy on
     2 cores, and no case the others lack. The minilm run takes the whole text corpus."""
-    if not HAVE_SHARED:
-        pytest.skip(SHARED_MISSING)
     folder = tmp_path_factory.mktemp('model-texts')
-    for path in (CORPUS / 'text').iterdir():
+    for path in shared_texts.iterdir():
         if path.name != 'world192.txt':
             shutil.copy2(path, folder / path.name)
     return folder

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from bench.known_item import probes, recall_at_10
-from tests.conftest import CORPUS as SHARED_CORPUS  # not `CORPUS`: that skips the whole module
-from tests.conftest import HAVE_SHARED, ROOT, SHARED_MISSING, check_output, measured_run, ragbeam
+from tests.conftest import ROOT, check_output, measured_run, ragbeam
 from transforms.minilm import MiniLMEmbedder
 
 REFERENCE = Path(__file__).with_name('fixtures') / 'minilm_reference.json'
@@ -49,13 +48,6 @@ def test_batching_does_not_change_vectors():
     together = model.embed(ref['texts'])
     alone = np.vstack([model.embed([t]) for t in ref['texts'][:6]])
     np.testing.assert_allclose(together[:6], alone, atol=1e-5)
-
-
-@pytest.fixture(scope='module')
-def shared_texts() -> Path:
-    if not HAVE_SHARED:
-        pytest.skip(SHARED_MISSING)
-    return SHARED_CORPUS / 'text'
 
 
 @pytest.fixture(scope='module')
