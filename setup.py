@@ -8,7 +8,7 @@ setup(
     name='ragbeam',
     version='0.1.0',
     description='Bounded-memory Apache Beam ingestion of documents into chunks, embeddings and a vector index',
-    packages=['pipeline', 'transforms', 'transforms.index'],
+    packages=['pipeline', 'transforms', 'transforms.corpus', 'transforms.index'],
     python_requires='>=3.10',
     install_requires=[
         # 2.62.0: the newest Beam whose Flink job server Maven Central serves whole (README,
@@ -34,7 +34,10 @@ setup(
         'test': ['pytest', 'pytest-xdist', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
                  # DuckDB reads the committed tables (its delta extension, offline)
                  'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5'],
-        # bench_index compares the lexical index with bm25s (in memory, scipy sparse)
+        # bench_index compares the lexical index with bm25s (in memory, scipy sparse).
+        # Not here: bench_scale's LlamaIndex peer. llama-index-readers-file pins pypdf < 7
+        # (ragbeam pins 7.1.1); pip then backtracks to llama-index-core 0.10 and numpy 1.x.
+        # It gets a venv of its own (bench/README.md, "Buckets of many small objects").
         'bench': ['matplotlib', 'bm25s==0.3.16', 'scipy'],
         # `ragbeam report --png`
         'report': ['matplotlib'],

@@ -131,3 +131,53 @@ def write_hash_adversarial(folder: str, words: list[str], files: int = 8,
                     block = make()
                     f.write(block)
                     size += len(block)
+
+
+def small_object_name(i: int, per_folder: int = 100) -> str:
+    """The relative name of small object `i`: `per_folder` objects to a folder."""
+    return f'f{i // per_folder:06d}/o{i:08d}.txt'
+
+
+def small_object_text(i: int, size: int = 650, edit: int = 0) -> str:
+    """About `size` bytes of paragraphs, different for each object and each `edit`."""
+    rng = random.Random(i * 7919 + edit)
+    text = f'Object {i} edit {edit}. '
+    while len(text) < size:
+        text += paragraph(rng)
+    return text[:size]
+
+
+def write_small_objects(root, n: int, per_folder: int = 100, size: int = 650) -> None:
+    """A bucket of `n` small text objects under `root`, `per_folder` to a folder."""
+    import os
+    for i in range(n):
+        path = os.path.join(root, small_object_name(i, per_folder))
+        if i % per_folder == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w', encoding='ascii') as f:
+            f.write(small_object_text(i, size))
+
+
+def pick(n: int, count: int, clustered: bool, seed: int = 11) -> list[int]:
+    """`count` of the objects 0..n-1: consecutive ones (one prefix) from the middle when
+    `clustered`, else spread uniformly at random."""
+    if clustered:
+        start = (n - count) // 2
+        return list(range(start, start + count))
+    return sorted(random.Random(seed).sample(range(n), count))
+
+
+def edit_small_objects(root, which: list[int], edit: int, per_folder: int = 100,
+                       size: int = 650) -> None:
+    """Rewrites the objects `which` with other text (their version changes)."""
+    import os
+    for i in which:
+        with open(os.path.join(root, small_object_name(i, per_folder)), 'w',
+                  encoding='ascii') as f:
+            f.write(small_object_text(i, size, edit))
+
+
+def delete_small_objects(root, which: list[int], per_folder: int = 100) -> None:
+    import os
+    for i in which:
+        os.remove(os.path.join(root, small_object_name(i, per_folder)))

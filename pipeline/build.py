@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
@@ -20,17 +22,17 @@ from pipeline.monitor import RunMonitor
 from pipeline.options import (JobFailed, RunOptions, UsageError, beam_options,
                               store_beam_args)
 from transforms import corpus, index, outputs
-from transforms.corpus import Diff
+from transforms.corpus import Diff, ManifestAt, StagedRun
 from transforms.embed import EMBEDDERS, Embed, describe_embedder, release_embedders
 from transforms.entities import ExtractEntities, release_model
-from transforms.listing import ListObjects, check_patterns
-from transforms.manifest import BuildManifest
+from transforms.listing import check_patterns
+from transforms.manifest import STATS_SCHEMA, WriteStats, merge_stats
 from transforms.pdf import ReadPdfs
 from transforms.read_text import ReadText
 from transforms.route import Route
 from transforms.store import StoreConfig
-from transforms.types import MANIFEST_SCHEMA, CommittedObject, chunk_schema
-from transforms.write import WriteChunks, WriteErrors, WriteManifest, error_json
+from transforms.types import chunk_schema
+from transforms.write import WriteChunks, WriteErrors, error_json
 
 _log = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ _log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunPlan:
     """What the driver knows before the pipeline starts: the run's id, the settings
-    fingerprint, and the committed objects the listing is diffed against."""
+    fingerprint, and the committed manifest's table version that the workers diff their
+    listing against (read by them, not passed through the graph)."""
     run_id: str
     fingerprint: str
-    committed: list
+    manifest: ManifestAt
 
 
 def settings(opts: RunOptions) -> dict:
@@ -62,17 +65,19 @@ def run_folder(output: str, run_id: str, *parts: str) -> str:
 
 
 def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
-    """Adds the ingestion graph: list -> diff -> route -> read -> enrich -> embed -> write,
-    plus the manifest of every object read, the diff's decisions and the error records, all
-    staged for the driver's commit.
+    """Adds the ingestion graph: list and diff in ranges -> route -> read -> enrich -> embed
+    -> write, plus the manifest of every object read, the diff's decisions on what is read
+    or deleted, each range's counts and the error records, all staged for the driver's
+    commit.
 
     Chunk text and embeddings stay on one fused path from each reader to its Parquet sink;
-    only object refs, committed-object records, stats and error records cross a shuffle.
+    only listing ranges, the refs of objects to read, stats and error records cross a
+    shuffle. The graph holds the input patterns and the manifest's version, nothing per
+    object.
     """
     out = opts.output
-    listed = p | 'List' >> ListObjects(opts.inputs, opts.store)
-    committed = p | 'Committed' >> beam.Create(plan.committed).with_output_types(CommittedObject)
-    diff = (listed, committed) | 'Diff' >> Diff(plan.fingerprint, opts.inputs, opts.backfill)
+    diff = p | 'Diff' >> Diff(opts.inputs, opts.store, plan.fingerprint, opts.backfill,
+                              plan.manifest)
     routes = diff.read | 'Route' >> Route(opts.route)
     watch = opts.monitor
     text = routes.text | 'ReadText' >> ReadText(opts.chunker, opts.text, opts.store,
@@ -101,15 +106,27 @@ def build(p: beam.Pipeline, opts: RunOptions, plan: RunPlan) -> None:
          | 'WriteFileList' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'written'),
                                                   file_name_suffix='.txt', num_shards=1,
                                                   skip_if_empty=True))
-    stats = tuple(r.stats for r in reads.values()) | 'AllStats' >> beam.Flatten()
-    _ = ((diff.read, stats, routes.skipped)
-         | 'Manifest' >> BuildManifest()
-         | 'WriteManifest' >> WriteManifest(run_folder(out, plan.run_id, 'manifest', 'manifest')))
+    # the stats records of every object routed and every restriction read, each PCollection
+    # on its own way to a sink (no Flatten, no join: the driver merges them in Arrow)
+    stats = [('route', routes.stats)] + [(f'{reader}{n or ""}', part)
+                                         for reader, read in reads.items()
+                                         for n, part in enumerate(read.stats)]
+    _ = ([part | f'Stats/{name}' >> WriteStats(run_folder(out, plan.run_id, 'stats', name))
+          for name, part in stats]
+         | 'AllStatsFiles' >> beam.Flatten()
+         | 'WriteStatsList' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'statsfiles'),
+                                                   file_name_suffix='.txt', num_shards=1,
+                                                   skip_if_empty=True))
     _ = (diff.changes
-         | 'ChangesJson' >> beam.Map(lambda c: json.dumps([c.uri, c.change]))
+         | 'ChangesJson' >> beam.Map(lambda c: json.dumps([c.uri, c.change, c.pattern]))
          | 'WriteChanges' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'changes'),
-                                                 file_name_suffix='.jsonl', num_shards=1))
-    _ = (tuple(r.errors for r in reads.values())
+                                                 file_name_suffix='.jsonl', num_shards=1,
+                                                 skip_if_empty=True))
+    _ = (diff.ranges
+         | 'RangesJson' >> beam.Map(lambda r: json.dumps(dataclasses.asdict(r)))
+         | 'WriteRanges' >> beam.io.WriteToText(run_folder(out, plan.run_id, 'ranges'),
+                                                file_name_suffix='.jsonl', num_shards=1))
+    _ = ((diff.errors,) + tuple(r.errors for r in reads.values())
          | 'AllErrors' >> beam.Flatten()
          | 'WriteErrors' >> WriteErrors(run_folder(out, plan.run_id, 'errors', 'errors')))
 
@@ -131,39 +148,54 @@ def make_pipeline(beam_args: list[str], store: StoreConfig) -> beam.Pipeline:
         raise UsageError(' '.join(str(e).split()))
 
 
-def run(opts: RunOptions) -> dict | None:
-    """Runs the whole job; returns the report, or None when the runner only translated it.
-
-    The previous committed corpus stays readable, unchanged, until this run's commit; a run
-    that dies before it leaves only run-scoped files, which the next run removes.
-    """
+def prepare(opts: RunOptions) -> tuple[beam.Pipeline, RunPlan, corpus.Corpus]:
+    """Everything before the job starts: the options checked, the output ready, a commit a
+    dead driver left half-done finished, and the graph built against the committed corpus."""
     opts.validate()
-    started = time.time()
     p = make_pipeline(opts.beam_args, opts.store)
     outputs.configure(p.options)
     check_patterns(opts.inputs, opts.store)
     outputs.prepare(opts.output)
     storage = opts.store.delta_storage_options(opts.output)
-    corpus.roll_forward(opts.output, storage)  # a commit whose driver died half-way
-    corpus.clean_staging(opts.output, storage)
+    committed = corpus.Corpus(opts.output, storage)
+    committed.roll_forward()  # a commit whose driver died half-way
+    committed.clean_staging()
     committed = corpus.Corpus(opts.output, storage)
     plan = RunPlan(corpus.new_run_id(), corpus.fingerprint(settings(opts)),
-                   committed.committed_objects())
+                   committed.manifest_at())
     if opts.backfill.windowed:
-        stale = sum(1 for c in plan.committed if c.fingerprint != plan.fingerprint)
+        stale = committed.objects_made_otherwise(plan.fingerprint)
         if stale:
             raise UsageError(f'{stale} committed objects were made with other settings (chunker, '
                              'embedder, PDF engine, OCR or entities): a --modified-since/'
                              '--modified-before run would leave a mix of old and new settings; '
                              'run without them to redo every object')
     build(p, opts, plan)
+    return p, plan, committed
+
+
+def graph_bytes(p: beam.Pipeline) -> int:
+    """The size of the pipeline's proto, what a runner such as Dataflow is sent."""
+    return len(p.to_runner_api().SerializeToString())
+
+
+def run(opts: RunOptions) -> dict | None:
+    """Runs the whole job; returns the report, or None when the runner only translated it.
+
+    The previous committed corpus stays readable, unchanged, until this run's commit; a run
+    that dies before it leaves only run-scoped files, which the next run removes.
+    """
+    started = time.time()
+    p, plan, committed = prepare(opts)
     options = p.options
     dry_run = options.view_as(TestOptions).dry_run
-    _log.info('ragbeam: embedder %s (%s); running on %s (%s); %s', opts.embed.embedder,
+    _log.info('ragbeam: embedder %s (%s); running on %s (%s); %s; listing in up to %d ranges '
+              'per input', opts.embed.embedder,
               describe_embedder(opts.embed.embedder, opts.embed.device, opts.embed.runtime),
               options.view_as(StandardOptions).runner or 'FnApiRunner', _workers(options),
               f'incremental over table version {committed.version}'
-              if committed.version is not None and not opts.backfill.full else 'full run')
+              if committed.version is not None and not opts.backfill.full else 'full run',
+              opts.backfill.list_ranges)
     with RunMonitor() as monitor, lost_streams_in_one_line():
         result = p.run()
         if dry_run:
@@ -175,24 +207,25 @@ def run(opts: RunOptions) -> dict | None:
     release_model()
     gc.collect()
     corpus.crash_point('after-pipeline')
-    staged = outputs.ParquetFolder(run_folder(opts.output, plan.run_id, 'manifest'),
-                                   opts.store).table(MANIFEST_SCHEMA.names)
+    staged = _staged_manifest(run_folder(opts.output, plan.run_id, 'statsfiles*.txt'))
     written = list(_read_lines(run_folder(opts.output, plan.run_id, 'written*.txt')))
     staged, incomplete = corpus.check_staged(written, staged)
     if incomplete:
         with FileSystems.create(run_folder(opts.output, plan.run_id, 'errors',
                                            'errors-commit.jsonl')) as f:
             f.write(''.join(error_json(e) + '\n' for e in incomplete).encode('utf-8'))
-    changes = dict(json.loads(line) for line in
-                   _read_lines(run_folder(opts.output, plan.run_id, 'changes*.jsonl')))
+    ranges = [json.loads(line) for line in
+              _read_lines(run_folder(opts.output, plan.run_id, 'ranges*.jsonl'))]
+    deleted = _deletes(run_folder(opts.output, plan.run_id, 'changes*.jsonl'), ranges,
+                       opts.inputs)
     found = metrics(result)
-    summary = reporting.run_counts(changes, staged)
+    summary = reporting.run_counts(ranges, len(deleted), staged)
     try:
-        done = corpus.commit(committed, plan.run_id, plan.fingerprint,
-                             chunk_schema(opts.embed.dim), staged, changes, opts.backfill,
-                             summary, written)
+        done = committed.commit(StagedRun(plan.run_id, plan.fingerprint,
+                                          chunk_schema(opts.embed.dim), staged, deleted,
+                                          written, summary), opts.backfill)
     except corpus.CommitError as e:
-        corpus.clean_staging(opts.output, storage, plan.run_id)
+        committed.clean_staging(plan.run_id)
         raise UsageError(str(e))
     _publish_errors(opts.output, plan.run_id)
     corpus.crash_point('before-index')
@@ -206,10 +239,13 @@ def run(opts: RunOptions) -> dict | None:
                                           committed=done.committed,
                                           chunks_added=done.chunks_added,
                                           chunks_removed=done.chunks_removed,
-                                          commit_seconds=done.seconds),
+                                          commit_seconds=done.seconds,
+                                          chunk_files_rewritten=done.files_rewritten,
+                                          commit_bytes_added=done.bytes_added,
+                                          commit_bytes_rewritten=done.bytes_rewritten),
                                  staged=staged)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
-    corpus.clean_staging(opts.output, storage, plan.run_id)
+    committed.clean_staging(plan.run_id)
     outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
     return report
 
@@ -293,6 +329,37 @@ def _read_lines(pattern: str) -> Iterator[str]:
             yield from (line for line in f.read().decode('utf-8').splitlines() if line)
 
 
+def _staged_manifest(pattern: str) -> pa.Table:
+    """The manifest rows of the objects this run routed, merged from the stats files that
+    finished bundles listed."""
+    from transforms.corpus.files import open_parquet
+    tables = [open_parquet(path).read() for path in _read_lines(pattern)]
+    return merge_stats(pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table())
+
+
+def _deletes(pattern: str, ranges: list[dict], inputs: list[str]) -> list[str]:
+    """The URIs the diff deletes, less those of an input whose whole listing came back
+    empty (a store that answered with nothing deletes nothing); says which ranges failed."""
+    listed: dict[int, int] = {}
+    for r in ranges:
+        listed[r['pattern']] = listed.get(r['pattern'], 0) + r['listed']
+    failed = [r for r in ranges if r['error']]
+    if failed:
+        _log.warning('ragbeam: the listing of %d of %d ranges failed (%s); nothing in them was '
+                     'deleted, and the next run lists them again', len(failed), len(ranges),
+                     failed[0]['error'])
+    empty = {n for n, count in listed.items() if count == 0}
+    for n in sorted(empty):
+        _log.warning('ragbeam: --input %s listed no object: nothing under it is deleted',
+                     inputs[n])
+    deleted = []
+    for line in _read_lines(pattern):
+        uri, change, at = json.loads(line)
+        if change == 'deleted' and at not in empty:
+            deleted.append(uri)
+    return deleted
+
+
 def _publish_errors(output: str, run_id: str) -> None:
     """errors/ holds the error records of the last committed run."""
     outputs.remove(output, ['errors'])
@@ -322,6 +389,22 @@ def _update_index(opts: RunOptions, version: int | None) -> dict | None:
                              lexical=opts.index.lexical,
                              rebuild_fraction=0.0 if opts.backfill.full
                              else opts.index.rebuild_fraction)  # --full: from scratch
+
+
+def follow_index(output: str, version: Optional[int], store: StoreConfig,
+                 pipeline) -> dict | None:
+    """The current index, if any, brought to table `version` with its own settings (after a
+    commit that is not a run's: `ragbeam compact`)."""
+    from transforms.index import IndexOptions
+
+    meta_path = outputs.path(output, 'index', 'index.json')
+    if not FileSystems.exists(meta_path):
+        return None
+    meta, defaults = outputs.read_json(meta_path), IndexOptions()
+    return index.build_index(output, meta['requested_type'], store, defaults.memory_mb, pipeline,
+                             table_version=version, keep_versions=defaults.versions,
+                             lexical=(meta.get('lexical') or {}).get('library', 'none'),
+                             rebuild_fraction=defaults.rebuild_fraction)
 
 
 def metrics(result) -> dict[str, dict]:

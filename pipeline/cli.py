@@ -88,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument('text', nargs='+', metavar='TEXT')
     add_flags(query, StoreConfig)
 
+    compact = sub.add_parser('compact', help="rewrite DIR's small or fragmented table files "
+                                             'into well-sized ones, in one commit; the index '
+                                             'follows (Beam flags run its ivfpq shard stage)')
+    compact.add_argument('--output', required=True, metavar='DIR')
+    add_flags(compact, StoreConfig)
+
     history = sub.add_parser('history', help="list the corpus's commits in DIR")
     history.add_argument('--output', required=True, metavar='DIR')
     history.add_argument('--json', action='store_true', help='a JSON array instead of text')
@@ -114,12 +120,21 @@ def _store(args) -> StoreConfig:
     return config
 
 
+def run_options(argv: Sequence[str]) -> RunOptions:
+    """The RunOptions of `ragbeam run ARGV` (ARGV without the word run)."""
+    args, beam_args = parser().parse_known_args(['run', *argv])
+    return _run_options(args, beam_args)
+
+
+def _run_options(args, beam_args: list[str]) -> RunOptions:
+    return from_args(RunOptions, args, inputs=args.input, output=args.output,
+                     beam_args=beam_args)
+
+
 def _run(args, beam_args: list[str]) -> int:
     from pipeline import build, report
 
-    opts = from_args(RunOptions, args, inputs=args.input, output=args.output,
-                     beam_args=beam_args)
-    result = build.run(opts)
+    result = build.run(_run_options(args, beam_args))
     if result is not None:
         print(report.one_line(result))
     return 0
@@ -141,6 +156,32 @@ def _index(args, beam_args: list[str]) -> int:
                        lambda: make_pipeline(beam_args, config), table_version=version,
                        keep_versions=options.versions, lexical=options.lexical)
     print(f"ragbeam: {meta['type']} index of {meta['count']} vectors in {args.output}")
+    return 0
+
+
+def _compact(args, beam_args: list[str]) -> int:
+    from pipeline.build import follow_index, make_pipeline
+    from transforms.corpus import CommitError, Corpus, new_run_id
+
+    config = _store(args)
+    make_pipeline(beam_args, config)  # bad Beam flags fail here, before any work
+    storage = config.delta_storage_options(args.output)
+    Corpus(args.output, storage).roll_forward()  # a commit whose driver died half-way
+    corpus, run_id = Corpus(args.output, storage), new_run_id()
+    try:
+        done = corpus.compact(run_id)
+    except CommitError as e:
+        corpus.clean_staging(run_id)
+        raise UsageError(str(e))
+    if not done.committed:
+        corpus.clean_staging(run_id)
+        print(f'ragbeam: nothing to compact in {args.output} (table version {done.version})')
+        return 0
+    meta = follow_index(args.output, done.version, config,
+                        lambda: make_pipeline(beam_args, config))
+    print(f'ragbeam: compacted {done.files_rewritten} files ({done.bytes_rewritten:,} bytes '
+          f'written) in {done.seconds} s; table version {done.version}'
+          + (f", index of {meta['count']} vectors" if meta else ''))
     return 0
 
 
@@ -253,6 +294,7 @@ def _main(argv: list[str]) -> int:
         if args.command in ('query', 'report', 'history') and rest:
             raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
         return {'run': lambda: _run(args, rest), 'index': lambda: _index(args, rest),
+                'compact': lambda: _compact(args, rest),
                 'query': lambda: _query(args), 'report': lambda: _report(args),
                 'history': lambda: _history(args)}[args.command]()
     except (UsageError, NoMatchError, OutputError, MissingChunksError) as e:

@@ -26,13 +26,17 @@ def stages(found: dict) -> dict:
 CHANGES = ('new', 'changed', 'retried', 'unchanged', 'deleted', 'outside')
 
 
-def run_counts(changes: dict[str, str], staged) -> dict:
-    """What the diff decided and what the run read: objects new, changed, retried (failed
-    before), unchanged (not read), deleted; of those read, how many failed."""
-    counts = Counter(changes.values())
-    found = {f'objects_{c}': counts.get(c, 0) for c in CHANGES}
+def run_counts(ranges: list[dict], deleted: int, staged) -> dict:
+    """What the diff decided, summed over its listing ranges, and what the run read: objects
+    new, changed, retried (failed before), unchanged (not read), deleted (`deleted`: after
+    the guards); of those read, how many failed; and the ranges whose listing failed."""
+    found = {f'objects_{c}': sum(r[c] for r in ranges) for c in CHANGES}
+    found['objects_deleted'] = deleted
     found['objects_read'] = staged.num_rows
-    found['objects_read_failed'] = Counter(staged.column('status').to_pylist()).get('failed', 0)
+    found['objects_read_failed'] = int(pc.sum(pc.equal(staged.column('status'), 'failed'))
+                                       .as_py() or 0)
+    found['list_ranges'] = len(ranges)
+    found['list_ranges_failed'] = sum(1 for r in ranges if r['error'])
     return found
 
 
@@ -43,27 +47,24 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
     """The run summary (README, "Output layout"): the committed corpus's objects from its
     manifest table; bytes read and the diff's counts from this run (`staged`: the manifest
     rows of the objects it read; `run`: the diff and the commit)."""
-    manifest = outputs.ParquetFolder(outputs.path(opts.output, 'manifest'), opts.store)
-    table = manifest.table(['status', 'size', 'bytes_read', 'chunks', 'reason'])
-    status = Counter(table.column('status').to_pylist())
-    skipped_bytes = pc.sum(pc.filter(table.column('size'),
-                                     pc.equal(table.column('status'), 'skipped'))).as_py() or 0
-    read = staged if staged is not None else table
+    totals = _manifest_totals(outputs.ParquetFolder(outputs.path(opts.output, 'manifest'),
+                                                    opts.store))
+    read_bytes = (pc.sum(staged.column('bytes_read')).as_py() or 0) if staged is not None \
+        else totals['bytes_read']
+    read_chunks = (pc.sum(staged.column('chunks')).as_py() or 0) if staged is not None \
+        else totals['chunks']
     return {
-        'objects_listed': table.num_rows,
-        'objects_ok': status.get('ok', 0),
-        'objects_failed': status.get('failed', 0),
-        'objects_skipped': status.get('skipped', 0),
-        'bytes_listed': pc.sum(table.column('size')).as_py() or 0,
-        'bytes_read': pc.sum(read.column('bytes_read')).as_py() or 0,
-        'bytes_skipped': skipped_bytes,
-        'chunks': pc.sum(table.column('chunks')).as_py() or 0,
-        'chunks_embedded': counters.get('chunks_embedded', pc.sum(read.column('chunks')).as_py() or 0),
+        'objects_listed': totals['rows'],
+        'objects_ok': totals['status'].get('ok', 0),
+        'objects_failed': totals['status'].get('failed', 0),
+        'objects_skipped': totals['status'].get('skipped', 0),
+        'bytes_listed': totals['size'],
+        'bytes_read': read_bytes,
+        'bytes_skipped': totals['skipped_bytes'],
+        'chunks': totals['chunks'],
+        'chunks_embedded': counters.get('chunks_embedded', read_chunks),
         'run': run or {},
-        'failure_reasons': dict(Counter(
-            r.split(':', 1)[0] for r, s in zip(table.column('reason').to_pylist(),
-                                               table.column('status').to_pylist())
-            if s != 'ok' and r)),
+        'failure_reasons': dict(totals['reasons']),
         'embedder': opts.embed.embedder,
         'index': index_meta,
         'counters': counters,
@@ -74,6 +75,27 @@ def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, 
         'rss_series': rss_series or [],
         'options': opts.summary(),
     }
+
+
+def _manifest_totals(manifest: outputs.ParquetFolder) -> dict:
+    """The committed manifest's counts, summed batch by batch (the Python objects made are
+    those of the rows that are not ok)."""
+    totals = {'rows': 0, 'size': 0, 'bytes_read': 0, 'chunks': 0, 'skipped_bytes': 0,
+              'status': Counter(), 'reasons': Counter()}
+    for batch in manifest.batches(['status', 'size', 'bytes_read', 'chunks', 'reason'], 65536):
+        status = batch.column('status')
+        totals['rows'] += batch.num_rows
+        for name in ('size', 'bytes_read', 'chunks'):
+            totals[name] += pc.sum(batch.column(name)).as_py() or 0
+        skipped = pc.equal(status, 'skipped')
+        totals['skipped_bytes'] += pc.sum(pc.filter(batch.column('size'), skipped)).as_py() or 0
+        for item in pc.value_counts(status).to_pylist():
+            totals['status'][item['values']] += item['counts']
+        not_ok = pc.not_equal(status, 'ok')
+        for reason in pc.filter(batch.column('reason'), not_ok).to_pylist():
+            if reason:
+                totals['reasons'][reason.split(':', 1)[0]] += 1
+    return totals
 
 
 def one_line(report: dict) -> str:

@@ -45,7 +45,7 @@ UNIT_SECONDS = {'engines': 930, 'test_backfill.py': 400, 'test_pdf.py': 185, 'te
                 'test_backfill_s3.py': 120, 'test_stores.py': 110, 'test_memory.py': 110,
                 'test_cli.py': 90, 'test_minilm.py': 130, 'test_hybrid.py': 75,
                 'test_pipeline_text.py': 70, 'test_entities.py': 70, 'test_monitor.py': 60,
-                'test_chunk.py': 60}
+                'test_chunk.py': 60, 'test_scale.py': 130}
 
 
 def _unit(path: str) -> str:

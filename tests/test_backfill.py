@@ -237,7 +237,7 @@ def test_a_crash_at_any_point_leaves_the_last_version_and_the_next_run_converges
 
 def test_a_commit_after_another_runs_commit_fails_and_changes_nothing(tmp_path):
     """Optimistic concurrency: a run whose view of the table is stale cannot commit."""
-    from transforms.corpus import BackfillOptions, CommitError, Corpus, commit
+    from transforms.corpus import BackfillOptions, CommitError, Corpus, StagedRun
     from transforms.types import MANIFEST_SCHEMA, chunk_schema
 
     src, out = _copy(tmp_path / 'src'), tmp_path / 'out'
@@ -246,8 +246,8 @@ def test_a_commit_after_another_runs_commit_fails_and_changes_nothing(tmp_path):
     (src / 'extra.txt').write_text('another object. ' * 100)
     _run(src, out)  # the other run commits version 1
     with pytest.raises(CommitError, match='another run committed'):
-        commit(stale, 'late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
-               {str(src / 'ru-koi8-r.txt'): 'deleted'}, BackfillOptions(), {})
+        stale.commit(StagedRun('late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
+                               [str(src / 'ru-koi8-r.txt')]), BackfillOptions())
     assert _version(out) == 1
 
 

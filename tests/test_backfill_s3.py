@@ -63,7 +63,7 @@ class S3Corpus:
 
 STALE_COMMIT = """
 import json, os, sys, time
-from transforms.corpus import BackfillOptions, CommitError, Corpus, commit
+from transforms.corpus import BackfillOptions, CommitError, Corpus, StagedRun
 from transforms.store import StoreConfig
 from transforms.types import MANIFEST_SCHEMA, chunk_schema
 from pipeline.options import store_beam_args
@@ -78,8 +78,8 @@ open(signal + '.ready', 'w').close()
 while not os.path.exists(signal + '.go'):
     time.sleep(0.2)
 try:
-    commit(stale, 'late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
-           {deleted: 'deleted'}, BackfillOptions(), {})
+    stale.commit(StagedRun('late', 'x', chunk_schema(384), MANIFEST_SCHEMA.empty_table(),
+                           [deleted]), BackfillOptions())
 except CommitError as e:
     print(e)
     sys.exit(3)

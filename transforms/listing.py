@@ -1,48 +1,29 @@
-"""Listing input patterns into ObjectRefs, once per object."""
+"""The input patterns as the listing sees them: URIs, their literal prefix, and a check
+before any pipeline starts that each pattern matches something.
+
+The listing itself runs on the workers, in URI ranges (transforms.corpus.diff)."""
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from typing import Iterable, Optional
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-
-from transforms.monitor import WORK
-from transforms.store import StoreConfig, StoreError, store_for
+from transforms.store import StoreConfig, StoreError, glob_to_prefix, key_after_all, store_for
 from transforms.types import ObjectRef
 
-_listed = Metrics.counter('ragbeam', 'objects_listed')
-_listed_bytes = Metrics.counter('ragbeam', 'bytes_listed')
+
+def scopes(patterns: Iterable[str]) -> list[str]:
+    """The input patterns as the listing's URIs spell them (local paths absolute)."""
+    return [p if '://' in p else os.path.abspath(os.path.expanduser(p)) for p in patterns]
 
 
-def list_pattern(pattern: str, config: StoreConfig) -> Iterator[ObjectRef]:
-    """Every object matching one --input pattern, with size and version, page by page."""
-    for ref in store_for(pattern, config).list(pattern):
-        _listed.inc()
-        _listed_bytes.inc(ref.size)
-        WORK.add(objects_listed=1, bytes_listed=ref.size)
-        yield ref
-
-
-class ListObjects(beam.PTransform):
-    """Patterns -> (uri, ObjectRef), each object once even when several patterns match it.
-
-    The de-duplication is a GroupByKey of small refs, which also spreads the objects over
-    workers.
-    """
-
-    def __init__(self, patterns: list[str], config: StoreConfig):
-        super().__init__()
-        self._patterns = patterns
-        self._config = config
-
-    def expand(self, pbegin):
-        return (pbegin
-                | 'Patterns' >> beam.Create(self._patterns)
-                | 'List' >> beam.FlatMap(list_pattern, self._config)
-                | 'ByUri' >> beam.Map(lambda ref: (ref.uri, ref)).with_output_types(
-                    tuple[str, ObjectRef])
-                | 'Group' >> beam.GroupByKey()
-                | 'Once' >> beam.MapTuple(lambda uri, refs: (uri, next(iter(refs)))))
+def first_object(pattern: str, config: StoreConfig) -> Optional[ObjectRef]:
+    """The first object, in URI order, that `pattern` matches; listed page by page, so a
+    pattern over millions of objects costs one page when it matches early."""
+    pattern, = scopes([pattern])
+    literal, matches = glob_to_prefix(pattern)
+    store = store_for(pattern, config)
+    return next((r for r in store.walk(store.root(literal), literal or None,
+                                       key_after_all(literal)) if matches(r.uri)), None)
 
 
 class NoMatchError(ValueError):
@@ -53,7 +34,7 @@ def check_patterns(patterns: list[str], config: StoreConfig) -> None:
     """Fails fast, before a pipeline starts, on a pattern that matches no object."""
     for pattern in patterns:
         try:
-            first = next(iter(store_for(pattern, config).list(pattern)), None)
+            first = first_object(pattern, config)
         except (StoreError, OSError) as e:
             raise NoMatchError(f'--input {pattern} cannot be listed: {e}') from e
         if first is None:

@@ -118,16 +118,16 @@ class ReadPdfs(beam.PTransform):
         args = (self._chunker, self._options, self._store, self._monitor)
         opened = typed(refs | 'Open' >> beam.ParDo(OpenPdfs(*args)).with_output_types(
             Chunk).with_outputs(ERRORS, STATS, HANDED_OFF, RANGES, main='chunks'),
-            errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef,
+            errors=ErrorRecord, stats=tuple[ObjectRef, ObjectStats], handed_off=ObjectRef,
             ranges=PdfRange)
         pages = typed(opened[RANGES]
                       | 'Spread' >> beam.Reshuffle()
                       | 'ReadPages' >> beam.ParDo(ReadPdfChunks(*args)).with_output_types(
                           Chunk).with_outputs(ERRORS, STATS, main='chunks'),
-                      errors=ErrorRecord, stats=tuple[str, ObjectStats])
+                      errors=ErrorRecord, stats=tuple[ObjectRef, ObjectStats])
         errors = (opened[ERRORS], pages[ERRORS]) | 'Errors' >> beam.Flatten()
-        stats = (opened[STATS], pages[STATS]) | 'Stats' >> beam.Flatten()
-        return ReadResult((opened.chunks, pages.chunks), errors, stats, opened[HANDED_OFF])
+        return ReadResult((opened.chunks, pages.chunks), errors, (opened[STATS], pages[STATS]),
+                          opened[HANDED_OFF])
 
 
 class _Pool:
@@ -299,7 +299,7 @@ class OpenPdfs(_PdfDoFn):
                     stats = ObjectStats(bytes_read=stats.bytes_read, kind='pdf')
                     stats.fail(open_failure_reason(e))
                 WORK.add(bytes_read=stats.bytes_read, objects_done=int(stats.status == 'failed'))
-                yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
+                yield beam.pvalue.TaggedOutput(STATS, (ref, stats))
                 return
             split = self._options.pages_per_split
             first = pages if ref.size < self._options.min_split_bytes else min(pages, split)
@@ -314,7 +314,7 @@ class OpenPdfs(_PdfDoFn):
                     ref, pages, start, min(pages, start + span)))
             stats.bytes_read = sandbox.bytes_read - before
             WORK.add(bytes_read=stats.bytes_read, objects_done=int(first == pages))
-            yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
+            yield beam.pvalue.TaggedOutput(STATS, (ref, stats))
         finally:
             self._give(sandbox)
 
@@ -370,6 +370,6 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
             stats.bytes_read = sandbox.bytes_read - before
             WORK.add(bytes_read=stats.bytes_read,
                      objects_done=int(tracker.current_restriction().stop >= planned.pages))
-            yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
+            yield beam.pvalue.TaggedOutput(STATS, (ref, stats))
         finally:
             self._give(sandbox)

@@ -1,9 +1,13 @@
 """Reading text objects: a splittable DoFn over byte ranges, inside the `ReadText` transform.
 
-Each object is first planned as `TextRange`s of `--split-bytes`, small records that cross a
-Reshuffle, so a runner spreads one big object's ranges, and a folder's, over its workers:
-Flink runs a restriction's initial splits where its element is and never splits one while
-it runs, so without it all of one object's ranges would be read by one task.
+Each object is first planned as `TextRange`s of `--split-bytes`. The ranges of an object
+bigger than that are small records that cross a Reshuffle, so a runner spreads one big
+object's ranges over its workers: Flink runs a restriction's initial splits where its
+element is and never splits one while it runs, so without it all of one object's ranges
+would be read by one task. An object of one range is read where it was listed (the listing
+ranges were spread already): its chunks follow the listing's URI order into the chunk
+files, which a commit then finds by their URI range, and no per-object record is held at a
+shuffle.
 """
 from __future__ import annotations
 
@@ -73,14 +77,35 @@ class ReadText(beam.PTransform):
         self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs, monitor)
 
     def expand(self, refs) -> ReadResult:
-        ranges = (refs
-                  | 'Plan' >> beam.FlatMap(plan_ranges, self._fn.split_size).with_output_types(
-                      TextRange)
-                  | 'Spread' >> beam.Reshuffle())
-        out = typed(ranges | 'Read' >> beam.ParDo(self._fn).with_output_types(Chunk).with_outputs(
-            ERRORS, STATS, HANDED_OFF, main='chunks'),
-            errors=ErrorRecord, stats=tuple[str, ObjectStats], handed_off=ObjectRef)
-        return ReadResult((out.chunks,), out[ERRORS], out[STATS], out[HANDED_OFF])
+        planned = typed(refs | 'Plan' >> beam.ParDo(_Plan(self._fn.split_size)).with_output_types(
+            TextRange).with_outputs(SPREAD, main='whole'), spread=TextRange)
+        spread = planned[SPREAD] | 'Spread' >> beam.Reshuffle()
+        outs = [typed(ranges | name >> beam.ParDo(self._fn).with_output_types(
+            Chunk).with_outputs(ERRORS, STATS, HANDED_OFF, main='chunks'),
+            errors=ErrorRecord, stats=tuple[ObjectRef, ObjectStats], handed_off=ObjectRef)
+            for name, ranges in (('ReadWhole', planned.whole), ('Read', spread))]
+        errors, handed_off = (tuple(o[tag] for o in outs) | f'All{tag.title()}' >> beam.Flatten()
+                              for tag in (ERRORS, HANDED_OFF))
+        return ReadResult(tuple(o.chunks for o in outs), errors, tuple(o[STATS] for o in outs),
+                          handed_off)
+
+
+SPREAD = 'spread'
+
+
+class _Plan(beam.DoFn):
+    """ObjectRef -> its TextRanges: on the main output when it is one range, on 'spread'
+    when there are more (they cross a Reshuffle)."""
+
+    def __init__(self, split_bytes: int):
+        self._split = split_bytes
+
+    def process(self, ref: ObjectRef):
+        ranges = list(plan_ranges(ref, self._split))
+        if len(ranges) == 1:
+            yield ranges[0]
+        else:
+            yield from (beam.pvalue.TaggedOutput(SPREAD, r) for r in ranges)
 
 
 class ByteWindowReader:
@@ -202,7 +227,7 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
         WORK.add(bytes_read=stats.bytes_read,
                  objects_done=int(tracker.current_restriction().stop >= ref.size
                                   and stats.kind is not None))
-        yield beam.pvalue.TaggedOutput(STATS, (ref.uri, stats))
+        yield beam.pvalue.TaggedOutput(STATS, (ref, stats))
 
     def _chunks_of(self, ref: ObjectRef, tracker, reader: ByteWindowReader,
                    encoding: TextEncoding, stats: ObjectStats) -> Iterator:

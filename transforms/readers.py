@@ -25,13 +25,14 @@ PDF_HEADER_BYTES = 1024
 
 
 class ReadResult(NamedTuple):
-    """What a reader produced: chunks (one PCollection per DoFn that makes them: each goes
-    its own fused way to a sink), error records, (uri, ObjectStats) per restriction, and the
-    refs it hands to the other reader (the text reader's PDFs by content; the PDF reader's
-    sniffed objects that do not open as PDFs)."""
+    """What a reader produced: chunks and (ObjectRef, ObjectStats) per restriction (each one
+    PCollection per DoFn that makes them, each going its own fused way to a sink: a Flatten
+    would hold them all at once on the FnApiRunner), error records, and the refs it hands to
+    the other reader (the text reader's PDFs by content; the PDF reader's sniffed objects
+    that do not open as PDFs)."""
     chunks: tuple[beam.PCollection, ...]
     errors: beam.PCollection
-    stats: beam.PCollection
+    stats: tuple[beam.PCollection, ...]
     handed_off: beam.PCollection
 
 

@@ -1,4 +1,8 @@
-"""Routing listed objects: skipped before any read (with a reason), or to the PDF or text reader."""
+"""Routing listed objects: skipped before any read (with a reason), or to the PDF or text reader.
+
+Every routed object also gets its first stats record here, empty or `skipped`: the manifest
+row of each object is merged from its stats records alone (transforms.manifest), so an
+object that no reader reports on (an empty one) still has its row."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +12,7 @@ import apache_beam as beam
 
 from transforms.monitor import WORK
 from transforms.readers import is_pdf_name
-from transforms.types import ObjectRef, typed
+from transforms.types import ObjectRef, ObjectStats, typed
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,11 @@ class RouteOptions:
 
 
 class Routes(NamedTuple):
-    """Where the listed objects go: refs for the text and PDF readers, (uri, reason) skipped."""
+    """Where the listed objects go: refs for the text and PDF readers, and (ref, stats) of
+    each, empty or `skipped` with the reason."""
     text: beam.PCollection
     pdf: beam.PCollection
-    skipped: beam.PCollection
+    stats: beam.PCollection
 
 
 class Route(beam.PTransform):
@@ -46,9 +51,9 @@ class Route(beam.PTransform):
 
     def expand(self, refs) -> Routes:
         routed = typed(refs | 'Route' >> beam.ParDo(_RouteFn(self._options)).with_output_types(
-            ObjectRef).with_outputs('pdf', 'skipped', main='text'),
-            pdf=ObjectRef, skipped=tuple[str, str])
-        return Routes(routed.text, routed.pdf, routed.skipped)
+            ObjectRef).with_outputs('pdf', 'stats', main='text'),
+            pdf=ObjectRef, stats=tuple[ObjectRef, ObjectStats])
+        return Routes(routed.text, routed.pdf, routed.stats)
 
 
 class _RouteFn(beam.DoFn):
@@ -58,9 +63,12 @@ class _RouteFn(beam.DoFn):
     def process(self, element):
         uri, ref = element
         reason = self._options.skip_reason(ref)
+        stats = ObjectStats()
+        if reason:
+            stats.status, stats.reason = 'skipped', reason
+        yield beam.pvalue.TaggedOutput('stats', (ref, stats))
         if reason:
             WORK.add(objects_done=1)
-            yield beam.pvalue.TaggedOutput('skipped', (uri, reason))
         elif is_pdf_name(uri):
             yield beam.pvalue.TaggedOutput('pdf', ref)
         else:

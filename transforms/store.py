@@ -122,7 +122,12 @@ def glob_to_prefix(pattern: str) -> tuple[str, Callable[[str], bool]]:
 
 
 class Store:
-    """Lists objects and reads byte ranges of one listed version (generic, unpinned)."""
+    """Lists objects and reads byte ranges of one listed version (generic, unpinned).
+
+    Besides `list`, a store lists in URI order: `children` names what is right under a
+    root (a delimiter listing), and `walk` lists the objects under a root within a range
+    [lo, hi) of URIs, page by page. The diff merges that order with the committed manifest's.
+    """
 
     def list(self, pattern: str) -> Iterator[ObjectRef]:
         """Every object matching `pattern`; a directory or prefix means everything below it."""
@@ -130,6 +135,22 @@ class Store:
             pattern = os.path.join(pattern, '**')
         for match in FileSystems.match([pattern])[0].metadata_list:
             yield self.ref(match)
+
+    def root(self, literal: str) -> str:
+        """Where a listing of URIs that start with `literal` begins: the literal itself on a
+        bucket (a key prefix), the folder that holds it on a local disk."""
+        return literal
+
+    def children(self, root: str, limit: int) -> list[str]:
+        """Up to `limit` names right under `root`, in URI order, a folder's with a trailing
+        '/'; none where the store cannot tell (then the listing is one range)."""
+        return []
+
+    def walk(self, root: str, lo: Optional[str], hi: Optional[str]) -> Iterator[ObjectRef]:
+        """The objects whose URI starts with `root` and lies in [lo, hi) (None: open), in URI
+        order."""
+        found = sorted(self.list(root), key=lambda r: r.uri)
+        yield from (r for r in found if in_range(r.uri, lo, hi))
 
     def ref(self, meta: FileMetadata) -> ObjectRef:
         return ObjectRef(meta.path, meta.size_in_bytes,
@@ -143,8 +164,63 @@ class Store:
             return f.read(end - start)
 
 
+def in_range(uri: str, lo: Optional[str], hi: Optional[str]) -> bool:
+    """Whether `uri` lies in [lo, hi); None is an open end."""
+    return (lo is None or uri >= lo) and (hi is None or uri < hi)
+
+
+LIST_FAIL_ENV = 'RAGBEAM_TEST_LIST_FAIL'  # tests: a local folder whose path holds this fails
+
+
 class LocalStore(Store):
-    """Local files: absolute paths, version = size-mtime_ns, checked on every read."""
+    """Local files: absolute paths, version = size-mtime_ns, checked on every read.
+
+    A folder is listed in URI order by sorting its entries with a '/' after each folder's
+    name: every path below folder `a` starts with `a/`, so `a-b` comes before it, as in a
+    sort of whole paths (and in S3's key order).
+    """
+
+    def root(self, literal: str) -> str:
+        if os.path.isdir(literal):
+            return literal.rstrip('/') + '/'
+        return os.path.dirname(literal).rstrip('/') + '/'
+
+    def children(self, root: str, limit: int) -> list[str]:
+        return [key[len(root):] for key, _ in self._entries(root)[:limit]]
+
+    def walk(self, root: str, lo: Optional[str], hi: Optional[str]) -> Iterator[ObjectRef]:
+        if not os.path.isdir(root):  # a pattern that names one file
+            if os.path.isfile(root.rstrip('/')) and in_range(root.rstrip('/'), lo, hi):
+                yield self._ref(root.rstrip('/'), os.stat(root.rstrip('/')))
+            return
+        for key, entry in self._entries(root):
+            if hi is not None and key >= hi:
+                return  # what follows is past the range too
+            if key.endswith('/'):
+                if lo is not None and key < lo and not lo.startswith(key):
+                    continue  # every path below it sorts before lo
+                yield from self.walk(key, lo, hi)
+            elif in_range(key, lo, hi) and entry.is_file():
+                yield self._ref(key, entry.stat())
+
+    @staticmethod
+    def _entries(folder: str) -> list:
+        """(URI-order key, entry) of a folder's entries; a folder's key ends with '/'. A
+        folder link is not followed, as in Beam's local listing."""
+        hook = os.environ.get(LIST_FAIL_ENV)
+        try:
+            if hook and hook in folder:
+                raise OSError(f'injected listing failure ({LIST_FAIL_ENV})')
+            with os.scandir(folder) as found:
+                entries = [(e.path + '/' if e.is_dir(follow_symlinks=False) else e.path, e)
+                           for e in found]
+        except OSError as e:
+            raise StoreError(f'cannot list {folder}: {e}') from e
+        return sorted(entries, key=lambda pair: pair[0])
+
+    @staticmethod
+    def _ref(path: str, st: os.stat_result) -> ObjectRef:
+        return ObjectRef(path, st.st_size, _local_version(st), st.st_mtime)
 
     def ref(self, meta: FileMetadata) -> ObjectRef:
         path = os.path.abspath(meta.path)
@@ -164,6 +240,20 @@ class LocalStore(Store):
 
 def _local_version(st: os.stat_result) -> str:
     return f'{st.st_size}-{st.st_mtime_ns}'
+
+
+def key_before(key: str) -> str:
+    """A key that sorts just before `key`, for S3's StartAfter (which is exclusive): no real
+    key lies between the two."""
+    last = ord(key[-1])
+    return key[:-1] + (chr(last - 1) + '\U0010ffff' if last > 1 else '')
+
+
+def key_after_all(prefix: str) -> Optional[str]:
+    """The first key past every key that starts with `prefix` (None: no such key)."""
+    while prefix and ord(prefix[-1]) == 0x10ffff:
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -192,6 +282,35 @@ class BucketStore(Store):
             if not token:
                 return
 
+    def children(self, root: str, limit: int) -> list[str]:
+        bucket, prefix = split_uri(root)
+        names, token = [], None
+        while len(names) < limit:
+            page, token = retrying(self._config, f'list {root}',
+                                   lambda: self._folders(root, bucket, prefix, token))
+            names += [name[len(prefix):] for name in page]
+            if not token:
+                break
+        return sorted(names)[:limit]
+
+    def walk(self, root: str, lo: Optional[str], hi: Optional[str]) -> Iterator[ObjectRef]:
+        bucket, prefix = split_uri(root)
+        base = f'{self.scheme}://{bucket}/'
+        start = lo[len(base):] if lo is not None and lo > root else None
+        stop = hi[len(base):] if hi is not None else None
+        token = None
+        while True:
+            objects, token = retrying(self._config, f'list {root}', lambda: self._page(
+                root, bucket, prefix, token, start=start, stop=stop))
+            for key, size, version, modified in objects:
+                uri = base + key
+                if hi is not None and uri >= hi:
+                    return
+                if in_range(uri, lo, hi) and not key.endswith('/'):
+                    yield ObjectRef(uri, size, version, modified)
+            if not token:
+                return
+
     def read_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
         want = max(0, min(end, ref.size) - start)
         if want == 0:
@@ -207,10 +326,18 @@ class BucketStore(Store):
 
         return retrying(self._config, what, get)
 
-    def _page(self, pattern: str, bucket: str, prefix: str, token: Optional[str]
+    def _page(self, pattern: str, bucket: str, prefix: str, token: Optional[str],
+              start: Optional[str] = None, stop: Optional[str] = None
               ) -> tuple[list[tuple[str, int, str]], Optional[str]]:
-        """One page of (key, size, version, last-modified seconds) under prefix, and the next
-        page's token."""
+        """One page of (key, size, version, last-modified seconds) under prefix, from key
+        `start` on (a hint: the store may return earlier keys, or keys from `stop` on),
+        and the next page's token."""
+        raise NotImplementedError
+
+    def _folders(self, root: str, bucket: str, prefix: str, token: Optional[str]
+                 ) -> tuple[list[str], Optional[str]]:
+        """One page of a delimiter listing under prefix: the keys and the common prefixes
+        (ending with '/'), and the next page's token."""
         raise NotImplementedError
 
     def _get(self, ref: ObjectRef, bucket: str, key: str, first: int, last: int) -> bytes:
@@ -236,14 +363,25 @@ class S3Store(BucketStore):
                           s3={'addressing_style': 'path' if config.s3_path_style else 'auto'},
                           max_pool_connections=32, connect_timeout=10, read_timeout=60))
 
-    def _page(self, pattern, bucket, prefix, token):
+    def _page(self, pattern, bucket, prefix, token, start=None, stop=None):
         kwargs = {'Bucket': bucket, 'Prefix': prefix, 'MaxKeys': 1000}
         if token:
             kwargs['ContinuationToken'] = token
+        elif start:
+            kwargs['StartAfter'] = key_before(start)
         page = self._call(pattern, self._client.list_objects_v2, **kwargs)
         objects = [(o['Key'], o['Size'], o['ETag'].strip('"'), o['LastModified'].timestamp())
                    for o in page.get('Contents', ())]
         return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
+
+    def _folders(self, root, bucket, prefix, token):
+        kwargs = {'Bucket': bucket, 'Prefix': prefix, 'Delimiter': '/', 'MaxKeys': 1000}
+        if token:
+            kwargs['ContinuationToken'] = token
+        page = self._call(root, self._client.list_objects_v2, **kwargs)
+        names = ([o['Key'] for o in page.get('Contents', ())]
+                 + [p['Prefix'] for p in page.get('CommonPrefixes', ())])
+        return names, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
     def _get(self, ref, bucket, key, first, last):
         resp = self._call(ref.uri, self._client.get_object, Bucket=bucket, Key=key,
@@ -288,14 +426,23 @@ class GCSStore(BucketStore):
         else:
             self._client = storage.Client()
 
-    def _page(self, pattern, bucket, prefix, token):
+    def _page(self, pattern, bucket, prefix, token, start=None, stop=None):
         def page():
             listing = self._client.list_blobs(bucket, prefix=prefix, page_size=1000,
-                                              page_token=token, retry=None)
+                                              page_token=token, retry=None,
+                                              start_offset=start, end_offset=stop)
             blobs = [(b.name, b.size, str(b.generation), b.updated.timestamp() if b.updated else 0.0)
                      for b in next(listing.pages, ())]
             return blobs, listing.next_page_token
         return self._call(pattern, page)
+
+    def _folders(self, root, bucket, prefix, token):
+        def page():
+            listing = self._client.list_blobs(bucket, prefix=prefix, delimiter='/',
+                                              page_size=1000, page_token=token, retry=None)
+            names = [b.name for b in next(listing.pages, ())]
+            return names + sorted(listing.prefixes), listing.next_page_token
+        return self._call(root, page)
 
     def _get(self, ref, bucket, key, first, last):
         blob = self._client.bucket(bucket).blob(key)

@@ -91,7 +91,7 @@ class ErrorRecord:
     page: Optional[int] = None
 
 
-_STATUS_RANK = {'failed': 0, 'skipped': 1}
+STATUS_RANK = {'failed': 0, 'skipped': 1}  # an object's status: the first that any record has
 
 
 @record
@@ -118,7 +118,7 @@ class ObjectStats:
     def merge(self, other: 'ObjectStats') -> 'ObjectStats':
         """Adds counts; keeps the object-level status of whichever side has one (failed wins)."""
         first, second = sorted((self, other), key=lambda s: (
-            _STATUS_RANK.get(s.status or '', 2), s.reason or ''))
+            STATUS_RANK.get(s.status or '', 2), s.reason or ''))
         return ObjectStats(
             chunks=self.chunks + other.chunks,
             bytes_read=self.bytes_read + other.bytes_read,

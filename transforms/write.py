@@ -21,10 +21,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms.batch import BatchBounded
 from transforms.monitor import WORK, MonitorOptions, StageMonitor
 from transforms.store import share_beam_s3_clients
-from transforms.types import MANIFEST_SCHEMA, Chunk, ErrorRecord, chunk_schema, embedding_dim
+from transforms.types import Chunk, ErrorRecord, chunk_schema, embedding_dim
 
 ROW_GROUP_ROWS = 4096
 ROW_GROUP_BYTES = 16 << 20
+FILE_ROWS = 2 * ROW_GROUP_ROWS  # a chunk file's rows at most: what a change may rewrite
+FILE_BYTES = 64 << 20
 
 
 def chunk_table(chunks: Sequence[Chunk], schema: pa.Schema) -> pa.Table:
@@ -53,8 +55,11 @@ def _chunk_bytes(chunk: Chunk) -> int:
 
 
 class WriteChunks(beam.PTransform):
-    """Embedded Chunks -> Parquet files `<prefix>-<random>.parquet`, one per bundle, in row
-    groups of bounded size; outputs the path of each file whose bundle finished.
+    """Embedded Chunks -> Parquet files `<prefix>-<random>.parquet` of at most FILE_ROWS
+    rows and FILE_BYTES, in row groups of bounded size; outputs the path of each file once
+    it is closed. A file also ends where the URIs go back down, so that each file spans a
+    narrow URI range (the readers follow the listing's URI order): a commit rewrites only
+    the files whose range holds a replaced object, a bounded number of bytes.
 
     Only the listed files commit (`transforms.corpus.commit`): a bundle that the runner
     failed and ran again (a lost Flink TaskManager) leaves a file that is not listed. Beam's
@@ -76,17 +81,20 @@ class WriteChunks(beam.PTransform):
                 | 'RowGroups' >> beam.ParDo(BatchBounded(ROW_GROUP_ROWS, ROW_GROUP_BYTES,
                                                          weight=_chunk_bytes))
                 | 'ToArrow' >> beam.ParDo(_ToArrow(schema, self._monitor))
-                | 'Write' >> beam.ParDo(_WriteParquet(self._prefix, schema)).with_output_types(
+                | 'Write' >> beam.ParDo(ParquetFileWriter(self._prefix, schema)).with_output_types(
                     str))
 
 
-class _WriteParquet(beam.DoFn):
-    """Arrow tables -> one Parquet file per bundle; its path is output when the bundle ends."""
+class ParquetFileWriter(beam.DoFn):
+    """Arrow tables -> Parquet files; a file's path is output when it is closed: when it is
+    full, when the URIs go back down, and at the end of the bundle."""
 
     def __init__(self, prefix: str, schema: pa.Schema):
         self._prefix = prefix
         self._schema = schema
         self._path = self._file = self._writer = None
+        self._rows = self._bytes = 0
+        self._last_uri = ''
 
     def setup(self):
         share_beam_s3_clients()
@@ -94,22 +102,45 @@ class _WriteParquet(beam.DoFn):
     def start_bundle(self):
         self._path = self._file = self._writer = None
 
-    def process(self, table: pa.Table) -> tuple:
-        if self._writer is None:
-            self._path = f'{self._prefix}-{uuid.uuid4().hex}.parquet'
-            self._file = FileSystems.create(self._path, mime_type='application/x-parquet')
-            # the options Beam's Parquet sink used, so files and schema stay as they were
-            self._writer = pq.ParquetWriter(self._file, self._schema, compression='zstd',
-                                            use_compliant_nested_type=False)
-        self._writer.write_table(table)
-        return ()  # the file's path comes out when the bundle ends
+    def process(self, table: pa.Table) -> Iterator[str]:
+        for run in _sorted_runs(table):
+            first = run.column('uri')[0].as_py()
+            if self._writer is not None and (first < self._last_uri
+                                             or self._rows + run.num_rows > FILE_ROWS
+                                             or self._bytes + run.nbytes > FILE_BYTES):
+                yield self._close()
+            if self._writer is None:
+                self._path = f'{self._prefix}-{uuid.uuid4().hex}.parquet'
+                self._file = FileSystems.create(self._path, mime_type='application/x-parquet')
+                # the options Beam's Parquet sink used, so files and schema stay as they were
+                self._writer = pq.ParquetWriter(self._file, self._schema, compression='zstd',
+                                                use_compliant_nested_type=False)
+                self._rows = self._bytes = 0
+            self._writer.write_table(run)
+            self._rows += run.num_rows
+            self._bytes += run.nbytes
+            self._last_uri = run.column('uri')[-1].as_py()
+
+    def _close(self) -> str:
+        self._writer.close()
+        self._file.close()
+        path, self._path, self._file, self._writer = self._path, None, None, None
+        return path
 
     def finish_bundle(self):
         if self._writer is not None:
-            self._writer.close()
-            self._file.close()
-            yield WindowedValue(self._path, GlobalWindow().max_timestamp(), (GlobalWindow(),))
+            yield WindowedValue(self._close(), GlobalWindow().max_timestamp(), (GlobalWindow(),))
         self._path = self._file = self._writer = None
+
+
+def _sorted_runs(table: pa.Table) -> Iterator[pa.Table]:
+    """The table cut where its uri column goes back down (where one listing range's objects
+    end and another's begin)."""
+    import pyarrow.compute as pc
+    column = table.column('uri')
+    cuts = np.flatnonzero(pc.less(column[1:], column[:-1]).to_numpy(zero_copy_only=False)) + 1
+    for start, stop in zip([0, *cuts], [*cuts, table.num_rows]):
+        yield table.slice(start, stop - start)
 
 
 class _ToArrow(beam.DoFn):
@@ -124,21 +155,6 @@ class _ToArrow(beam.DoFn):
             table = chunk_table(chunks, self._schema)
         WORK.add(chunks_written=len(chunks))
         yield table
-
-
-class WriteManifest(beam.PTransform):
-    """Writes ManifestRows as Parquet."""
-
-    def __init__(self, path_prefix: str):
-        super().__init__()
-        self._prefix = path_prefix
-
-    def expand(self, rows):
-        return (rows
-                | 'ToDict' >> beam.Map(dataclasses.asdict)
-                | 'Write' >> beam.io.WriteToParquet(
-                    self._prefix, schema=MANIFEST_SCHEMA, codec='zstd',
-                    file_name_suffix='.parquet', num_shards=1))
 
 
 def error_json(record: ErrorRecord) -> str:

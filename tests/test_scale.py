@@ -1,0 +1,201 @@
+"""Buckets of many small objects: the graph and a run's memory stay flat in the number of
+objects, a commit rewrites what changed, and an incremental run over a mix of changes,
+adds and deletes equals a fresh run on the final state, however the listing is split."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+
+from bench.generate import (delete_small_objects, edit_small_objects, pick, small_object_name,
+                            small_object_text, write_small_objects)
+from tests.conftest import ROOT, check_output, ragbeam
+
+N = 20_000
+PER_FOLDER = 100
+LEAN = ('--index-type', 'none', '--lexical-index', 'none')
+
+
+def _report(out):
+    return json.loads((out / 'report.json').read_text())
+
+
+def _manifest_uris(out) -> set[str]:
+    from deltalake import DeltaTable
+    return set(DeltaTable(str(out / 'manifest')).to_pyarrow_table(columns=['uri'])
+               .column('uri').to_pylist())
+
+
+def _run_env(src, out, *extra, env=None):
+    """`ragbeam run` in a subprocess with extra environment (test hooks)."""
+    return subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', str(src),
+                           '--output', str(out), '--embedder', 'hash', *LEAN, *map(str, extra)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, **(env or {})))
+
+
+def _committed(root, n=N):
+    """`n` small objects in folders of 100 under root/src, and their corpus after a first
+    run in root/out (objects are named by their absolute path: a copied folder would be
+    other objects)."""
+    write_small_objects(root / 'src', n, PER_FOLDER)
+    ragbeam('run', '--input', root / 'src', '--output', root / 'out', *LEAN)
+    return root / 'src', root / 'out'
+
+
+def test_the_graph_is_the_same_size_for_1000_and_20000_committed_objects(tmp_path):
+    from pipeline.build import graph_bytes, prepare
+    from pipeline.cli import run_options
+
+    sizes = {}
+    for name, n in (('1k', 1000), ('20k', N)):
+        root = tmp_path / name
+        _committed(root, n)
+        opts = run_options(['--input', str(root / 'src'), '--output', str(root / 'out'),
+                            '--embedder', 'hash', *LEAN])
+        p, plan, corpus = prepare(opts)
+        assert plan.manifest.version == 0
+        sizes[name] = graph_bytes(p)
+    assert abs(sizes['20k'] - sizes['1k']) < 10_000, sizes
+    assert sizes['20k'] < 1 << 20, sizes
+
+
+def _mix(src, edit: int):
+    """1% of the objects changed in one prefix and 1% scattered, 50 added in a new folder
+    and 50 among the old ones, 50 deleted here and there and one folder removed."""
+    clustered, scattered = pick(N, N // 100, True), pick(N, N // 100, False, seed=edit)
+    edit_small_objects(src, sorted(set(clustered) | set(scattered)), edit, PER_FOLDER)
+    for i in range(50):
+        for name in (f'new/a{i:03d}.txt', f'f{(i * 37) % (N // PER_FOLDER):06d}/zz{i}.txt'):
+            (src / name).parent.mkdir(exist_ok=True)
+            (src / name).write_text(small_object_text(N + i, edit=edit))
+    gone = [i for i in pick(N, 50, False, seed=edit + 1) if i not in set(scattered)]
+    delete_small_objects(src, gone, PER_FOLDER)
+    shutil.rmtree(src / small_object_name(N - 1, PER_FOLDER).split('/')[0])
+
+
+def test_a_mix_of_changes_equals_a_fresh_run_however_the_listing_is_split(tmp_path):
+    """The same changes, listed in many ranges and in one (the latter after a kill between
+    its two commits), give the tables of a fresh run on the final state."""
+    src, many_out = _committed(tmp_path)
+    one_out = tmp_path / 'one'
+    shutil.copytree(many_out, one_out)  # the same committed corpus (its paths are relative)
+    _mix(src, edit=1)
+    many_src = one_src = src
+    ragbeam('run', '--input', many_src, '--output', many_out, *LEAN, '--list-ranges', '64')
+    report = _report(many_out)['run']
+    names = [p.name for p in many_src.rglob('*.txt')]
+    kept = sum(1 for n in names if n.startswith('o'))
+    assert report['list_ranges'] > 16 and report['list_ranges_failed'] == 0
+    assert report['objects_new'] == len(names) - kept and report['objects_deleted'] == N - kept
+    assert report['objects_changed'] > N // 100
+    assert report['objects_unchanged'] == kept - report['objects_changed']
+
+    crashed = _run_env(one_src, one_out, '--list-ranges', '1',
+                       env={'RAGBEAM_TEST_CRASH_AT': 'between-commits'})
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    ragbeam('run', '--input', one_src, '--output', one_out, *LEAN, '--list-ranges', '1')
+    assert _report(one_out)['run']['list_ranges'] == 1
+
+    fresh = tmp_path / 'fresh'
+    ragbeam('run', '--input', many_src, '--output', fresh, *LEAN, '--list-ranges', '7')
+    for out, src in ((many_out, many_src), (one_out, one_src)):
+        check_output(out, '--input', src)
+        check_output(out, '--same-as', fresh)
+    assert _manifest_uris(many_out) == _manifest_uris(fresh)
+
+
+def test_a_change_in_one_prefix_rewrites_only_the_files_around_it(tmp_path):
+    from deltalake import DeltaTable
+
+    from transforms.corpus.files import table_files
+    from transforms.write import FILE_ROWS
+
+    src, out = _committed(tmp_path)
+    files = table_files(DeltaTable(str(out / 'chunks')))
+    assert len(files) >= N // FILE_ROWS and all(f.rows <= FILE_ROWS for f in files)
+    edit_small_objects(src, pick(N, 2 * PER_FOLDER, True), 2, PER_FOLDER)
+    ragbeam('run', '--input', src, '--output', out, *LEAN)
+    run = _report(out)['run']
+    assert run['objects_changed'] == 2 * PER_FOLDER
+    # the changed objects' rows lie in one or two files, each over a narrow URI range, and
+    # only those are rewritten
+    assert 1 <= run['chunk_files_rewritten'] <= 2 < len(files), (len(files), run)
+
+
+def test_a_range_whose_listing_fails_deletes_nothing_and_the_next_run_does(tmp_path):
+    src, out = _committed(tmp_path)
+    failing, removed = 'f000010', 'f000150'
+    for gone in (src / failing).iterdir():  # its objects deleted, but listing it fails
+        gone.unlink()
+    shutil.rmtree(src / removed)
+    proc = _run_env(src, out, env={'RAGBEAM_TEST_LIST_FAIL': f'/{failing}/'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'nothing in them was deleted' in proc.stderr
+    run = _report(out)['run']
+    assert run['list_ranges_failed'] >= 1 and run['objects_deleted'] == PER_FOLDER
+    uris = _manifest_uris(out)
+    assert any(f'/{failing}/' in u for u in uris) and not any(f'/{removed}/' in u for u in uris)
+    errors = [json.loads(line) for f in (out / 'errors').glob('*.jsonl')
+              for line in f.read_text().splitlines()]
+    assert any(e['error_type'] == 'ListingFailed' and e['stage'] == 'list' for e in errors)
+
+    ragbeam('run', '--input', src, '--output', out, *LEAN)
+    assert _report(out)['run']['objects_deleted'] == PER_FOLDER
+    assert not any(f'/{failing}/' in u for u in _manifest_uris(out))
+
+
+def test_deleted_folders_count_against_max_delete_fraction_over_the_whole_run(tmp_path):
+    src, out = _committed(tmp_path)
+    for i in range(0, N // PER_FOLDER, 10):  # a tenth of the folders, spread over every range
+        shutil.rmtree(src / f'f{i:06d}')
+    proc = _run_env(src, out, '--max-delete-fraction', '0.05')
+    assert proc.returncode == 2 and 'would delete 2000 of 20000' in proc.stderr, proc.stderr
+    assert len(_manifest_uris(out)) == N
+
+
+def test_an_unchanged_rerun_of_100k_objects_stays_under_512mb(tmp_path):
+    """The whole process tree's peak, as the run's monitor samples it."""
+    write_small_objects(tmp_path / 'src', 100_000, PER_FOLDER)
+    ragbeam('run', '--input', tmp_path / 'src', '--output', tmp_path / 'out', *LEAN,
+            timeout=900)
+    ragbeam('run', '--input', tmp_path / 'src', '--output', tmp_path / 'out', *LEAN,
+            timeout=900)
+    report = _report(tmp_path / 'out')
+    assert report['run']['objects_unchanged'] == 100_000 and not report['run']['committed']
+    assert report['peak_rss_mb'] < 512, report['peak_rss_mb']
+
+
+def test_after_120_commits_the_tables_open_from_a_checkpoint(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from transforms.corpus import (CHECKPOINT_INTERVAL, BackfillOptions, Corpus, StagedRun,
+                                   new_run_id, staging)
+    from transforms.types import MANIFEST_SCHEMA, Chunk, ManifestRow, chunk_schema
+    from transforms.write import chunk_table
+
+    out = tmp_path / 'out'
+    out.mkdir()
+    for i in range(120):
+        corpus, run_id, uri = Corpus(str(out)), new_run_id(), f'/objects/o{i:04d}.txt'
+        path = os.path.join(staging(corpus.chunks_path, run_id), 'chunks.parquet')
+        os.makedirs(os.path.dirname(path))
+        import pyarrow.parquet as pq
+        pq.write_table(chunk_table([Chunk(f'c{i}', i, uri, 'v1', 'text', None, 0, 5, 'hello',
+                                          np.ones(8, np.float32).tobytes(), 'm')],
+                                   chunk_schema(8)), path)
+        row = ManifestRow(uri, 5, 'v1', 'ok', 1, 5, None, 'text', 'utf-8')
+        corpus.commit(StagedRun(run_id, 'f', chunk_schema(8), pa.Table.from_pylist(
+            [asdict(row)], schema=MANIFEST_SCHEMA), written=[path]), BackfillOptions())
+    for table in ('chunks', 'manifest'):
+        log = out / table / '_delta_log'
+        last = json.loads((log / '_last_checkpoint').read_text())['version']
+        after = [f for f in log.glob('*.json') if int(f.stem) > last]
+        assert last >= 120 - CHECKPOINT_INTERVAL and len(after) < 20, (last, len(after))
+        assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == 120
