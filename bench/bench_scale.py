@@ -195,9 +195,10 @@ class S3Bucket:
         self.input = f's3://{BUCKET}/{PREFIX}'
         self.run_args = ['--s3-endpoint-url', moto.endpoint]
         started = time.time()
-        self._each(lambda i: self.client.put_object(
-            Bucket=BUCKET, Key=self._key(i),
-            Body=(source / small_object_name(i, PER_FOLDER)).read_bytes()), range(n))
+        # straight into the server's backend: the first state is not what is measured, and
+        # 100k HTTP PUTs take many minutes here
+        moto.put_bodies(BUCKET, ((self._key(i), (source / small_object_name(i, PER_FOLDER))
+                                  .read_bytes()) for i in range(n)))
         print(f'uploaded {n:,} objects to {self.input} in {time.time() - started:.0f} s',
               flush=True)
 
@@ -266,16 +267,24 @@ def run_args(bucket, output: Path) -> list[str]:
             '--index-type', 'none', '--lexical-index', 'none', *bucket.run_args]
 
 
-def ragbeam_step(tool: str, n: int, step: str, bucket, output: Path) -> Step:
-    """One step: its change to the bucket, then a measured `ragbeam run`."""
+def measured_step(tool: str, n: int, step: str, bucket, cmd: list[str]):
+    """The step's change to the bucket, then `cmd` measured: (measurement, its Step); the
+    command's output tail is printed when it failed."""
     CHANGES[step](n, bucket)
-    m = measured(ragbeam_command(bucket, output))
+    m = measured(cmd)
     largest = max(m.peak_process_rss_mb_by.values(), default=0.0)
     result = Step(tool, n, step, m.returncode, round(m.wall_seconds, 2), round(m.peak_rss_mb, 1),
                   largest, process_rss_mb=m.peak_process_rss_mb_by)
     if m.returncode:
         print(f'{tool} {n:,} {STEPS[step]} exited with {m.returncode}:\n{m.output[-4000:]}',
               flush=True)
+    return m, result
+
+
+def ragbeam_step(tool: str, n: int, step: str, bucket, output: Path) -> Step:
+    """One step: its change to the bucket, then a measured `ragbeam run`."""
+    m, result = measured_step(tool, n, step, bucket, ragbeam_command(bucket, output))
+    if m.returncode:
         return result
     report = json.loads((output / 'report.json').read_text())
     run = report['run']
@@ -292,7 +301,8 @@ def ragbeam_step(tool: str, n: int, step: str, bucket, output: Path) -> Step:
     if step == 'first':
         result.graph_bytes = graph_size(bucket, output)
     print(f'{tool} {n:,} {STEPS[step]}: {m.wall_seconds:.1f} s, {result.objects_per_s:,.0f} '
-          f'objects/s, peak RSS {m.peak_rss_mb:.0f} MB (largest process {largest:.0f}), read '
+          f'objects/s, peak RSS {m.peak_rss_mb:.0f} MB (largest process '
+          f'{result.largest_process_mb:.0f}), read '
           f"{run.get('objects_read', 0):,}, commit {result.commit_seconds or 0:.2f} s"
           + (f', graph {result.graph_bytes / 1024:.1f} KB' if result.graph_bytes else ''),
           flush=True)
@@ -403,14 +413,9 @@ def llama_main(src: str, persist: str) -> None:
 
 def llama_step(python: str, n: int, step: str, bucket: LocalBucket, persist: Path) -> Step:
     """One step of the peer: the step's change to its copy, then a measured `_llama`."""
-    CHANGES[step](n, bucket)
-    m = measured([python, '-m', 'bench.bench_scale', '_llama', str(bucket.root), str(persist)])
-    largest = max(m.peak_process_rss_mb_by.values(), default=0.0)
-    result = Step(LLAMA, n, step, m.returncode, round(m.wall_seconds, 2), round(m.peak_rss_mb, 1),
-                  largest, process_rss_mb=m.peak_process_rss_mb_by)
+    m, result = measured_step(LLAMA, n, step, bucket, [python, '-m', 'bench.bench_scale',
+                                                       '_llama', str(bucket.root), str(persist)])
     if m.returncode:
-        print(f'LlamaIndex {n:,} {STEPS[step]} exited with {m.returncode}:\n{m.output[-4000:]}',
-              flush=True)
         return result
     # its JSON line: the last one that is JSON (llama-index warns on stderr, which
     # run_measured merges in)

@@ -52,11 +52,15 @@ class MotoS3:
 
     def put_many(self, bucket: str, keys: Iterable[str], body: bytes) -> None:
         """Puts many small objects straight into the server's backend (HTTP PUTs take minutes)."""
+        self.put_bodies(bucket, ((key, body) for key in keys))
+
+    def put_bodies(self, bucket: str, items: Iterable[tuple[str, bytes]]) -> None:
+        """Puts (key, body) objects straight into the server's backend."""
         from moto.core import DEFAULT_ACCOUNT_ID
         from moto.s3.models import s3_backends
 
         backend = s3_backends[DEFAULT_ACCOUNT_ID]['global']
-        for key in keys:
+        for key, body in items:
             backend.put_object(bucket, key, body)
 
     def download_tree(self, bucket: str, prefix: str, dest: Path) -> None:

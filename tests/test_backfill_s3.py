@@ -188,3 +188,42 @@ def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_
     again = corpus.run('out')  # retried, and read whole this time
     assert 'changed 1' in again.stdout and _report(corpus.local('out'))['run']['objects_read_failed'] == 0
     check_output(corpus.local('out'), '--input', corpus.src)
+
+
+def test_on_s3_a_mix_of_changes_over_5000_keys_equals_a_fresh_run_however_listed(s3, tmp_path):
+    """5,000 keys in 50 prefixes: changes in one prefix and scattered, adds, deletes and a
+    removed prefix, listed in many key ranges (StartAfter) and in one, give a fresh run's
+    tables."""
+    import uuid
+
+    from bench.generate import pick, small_object_name, small_object_text
+
+    n, bucket = 5000, f'scale-{uuid.uuid4().hex[:8]}'
+    client = s3.client()
+    client.create_bucket(Bucket=bucket)
+
+    def put(items):
+        s3.put_bodies(bucket, ((f'src/{name}', text.encode()) for name, text in items))
+
+    put((small_object_name(i), small_object_text(i)) for i in range(n))
+    src, lean = f's3://{bucket}/src/', ('--s3-endpoint-url', s3.endpoint, '--index-type',
+                                        'none', '--lexical-index', 'none')
+    many, one, fresh = tmp_path / 'many', tmp_path / 'one', tmp_path / 'fresh'
+    ragbeam('run', '--input', src, '--output', many, *lean)
+    shutil.copytree(many, one)
+    edits = sorted(set(pick(n, 50, True)) | set(pick(n, 50, False)))
+    put((small_object_name(i), small_object_text(i, edit=1)) for i in edits)
+    put((f'f{i:06d}/new.txt', small_object_text(n + i)) for i in range(0, 50, 5))
+    gone = sorted({i for i in pick(n, 30, False, seed=3) if i not in edits}
+                  | set(range(n - 100, n)))  # and the last prefix
+    client.delete_objects(Bucket=bucket, Delete={'Objects': [
+        {'Key': f'src/{small_object_name(i)}'} for i in gone]})
+    ragbeam('run', '--input', src, '--output', many, *lean, '--list-ranges', '64')
+    run = _report(many)['run']
+    assert (run['objects_changed'], run['objects_new'], run['objects_deleted']) == (
+        len([i for i in edits if i < n - 100]), 10, len(gone))
+    assert run['list_ranges'] > 16 and run['list_ranges_failed'] == 0
+    ragbeam('run', '--input', src, '--output', one, *lean, '--list-ranges', '1')
+    ragbeam('run', '--input', src, '--output', fresh, *lean)
+    check_output(many, '--same-as', fresh)
+    check_output(one, '--same-as', fresh)

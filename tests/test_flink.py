@@ -89,9 +89,10 @@ def test_a_flink_cluster_gives_the_chunks_and_the_accounting_of_the_fnapi_runner
 
 def test_the_ranges_of_one_big_object_spread_over_the_cluster(cluster, tmp_path):
     """Flink runs a restriction's initial splits in the task that holds its element and never
-    splits one while it runs: ReadText's Reshuffle of planned ranges is what spreads one
-    object's 32 ranges over both subtasks (without it: all 32 in one, seen as [8, 0] on a
-    smaller object). Flink's REST API counts the records each subtask read."""
+    splits one while it runs: ReadText's Spread of planned ranges (a GroupByKey on hashed
+    keys) is what spreads one object's 32 ranges over both subtasks (without it: all 32 in
+    one, seen as [8, 0] on a smaller object; with Beam's Reshuffle after the listing ranges'
+    own, [32, 0]). Flink's REST API counts the records each subtask read."""
     from bench.generate import write_text
 
     flink, flags = cluster
@@ -103,7 +104,7 @@ def test_the_ranges_of_one_big_object_spread_over_the_cluster(cluster, tmp_path)
             '--embedder', 'hash', *flags)
     jid, = {j['jid'] for j in flink.jobs()} - before
     reads = [records for name, records in flink.vertex_records(jid)
-             if 'ReadText/Read/' in name and 'PairWithRestriction' in name]
+             if 'ReadText/{Spread, Read}' in name]
     assert len(reads) == 1, flink.vertex_records(jid)
     assert sum(reads[0]) == 32 and len(reads[0]) == 2 and min(reads[0]) > 0, reads
     check_output(tmp_path / 'out', '--input', src)
@@ -140,3 +141,29 @@ def test_a_job_whose_taskmanager_dies_recovers_and_commits_the_same_output(clust
     check_output(out, '--same-as', reference)
     restarts = flink.exceptions(job['jid'])
     assert restarts, 'Flink recorded no failure: the TaskManager was not killed mid-job'
+
+
+def test_an_incremental_run_over_20k_committed_objects_on_flink_embedded(flink_engine, tmp_path):
+    """The listing ranges, the workers' reads of the committed manifest and the commit on
+    Flink: a re-run with a few changes, adds and deletes over a committed corpus of 20,000
+    objects gives the tables of the same re-run on the FnApiRunner."""
+    import shutil
+
+    from bench.generate import (delete_small_objects, edit_small_objects, small_object_text,
+                                write_small_objects)
+
+    src, fnapi, flink = tmp_path / 'src', tmp_path / 'fnapi', tmp_path / 'flink'
+    lean = ('--index-type', 'none', '--lexical-index', 'none')
+    write_small_objects(src, 20_000)
+    ragbeam('run', '--input', src, '--output', fnapi, *lean)
+    shutil.copytree(fnapi, flink)  # the same committed corpus (its paths are relative)
+    edit_small_objects(src, [3, 4_000, 12_345, 19_999], edit=1)
+    delete_small_objects(src, [7, 8_001])
+    (src / 'f000050' / 'added.txt').write_text(small_object_text(99_999))
+    ragbeam('run', '--input', src, '--output', fnapi, *lean)
+    ragbeam('run', '--input', src, '--output', flink, *lean, *EMBEDDED)
+    run = json.loads((flink / 'report.json').read_text())['run']
+    assert (run['objects_changed'], run['objects_new'], run['objects_deleted']) == (4, 1, 2)
+    assert run['list_ranges'] > 1
+    check_output(flink, '--input', src)
+    check_output(flink, '--same-as', fnapi)

@@ -1,8 +1,8 @@
 """Reading text objects: a splittable DoFn over byte ranges, inside the `ReadText` transform.
 
 Each object is first planned as `TextRange`s of `--split-bytes`. The ranges of an object
-bigger than that are small records that cross a Reshuffle, so a runner spreads one big
-object's ranges over its workers: Flink runs a restriction's initial splits where its
+bigger than that are small records that cross a shuffle (`Spread`), so a runner spreads one
+big object's ranges over its workers: Flink runs a restriction's initial splits where its
 element is and never splits one while it runs, so without it all of one object's ranges
 would be read by one task. An object of one range is read where it was listed (the listing
 ranges were spread already): its chunks follow the listing's URI order into the chunk
@@ -12,6 +12,7 @@ shuffle.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -60,11 +61,28 @@ class TextRange:
     stop: int
 
 
-def plan_ranges(ref: ObjectRef, split_bytes: int) -> Iterator[TextRange]:
+def plan_ranges(ref: ObjectRef, split_bytes: int,
+                whole: Optional[bool] = None) -> Iterator[TextRange]:
     """An object's ranges of `split_bytes` (none for an empty object, as for Beam's
-    OffsetRange.split)."""
-    for piece in OffsetRange(0, ref.size).split(split_bytes):
-        yield TextRange(ref, piece.start, piece.stop)
+    OffsetRange.split); with `whole` True only those of an object of one range, with False
+    only those of an object of several."""
+    pieces = list(OffsetRange(0, ref.size).split(split_bytes))
+    if whole is None or whole == (len(pieces) == 1):
+        for piece in pieces:
+            yield TextRange(ref, piece.start, piece.stop)
+
+
+class Spread(beam.PTransform):
+    """Sends each range to a worker chosen by a hash of its URI and offset, through a
+    GroupByKey: a runner hash-partitions its keys over its workers (on Flink, Beam's
+    Reshuffle here left all of one object's ranges in one subtask)."""
+
+    def expand(self, ranges):
+        return (ranges
+                | 'Key' >> beam.Map(lambda r: (zlib.crc32(f'{r.ref.uri}@{r.start}'.encode()), r))
+                .with_output_types(tuple[int, TextRange])
+                | 'Group' >> beam.GroupByKey()
+                | 'Ranges' >> beam.FlatMap(lambda kv: kv[1]).with_output_types(TextRange))
 
 
 class ReadText(beam.PTransform):
@@ -77,35 +95,22 @@ class ReadText(beam.PTransform):
         self._fn = ReadTextChunks(chunker, options, store, sniff_pdfs, monitor)
 
     def expand(self, refs) -> ReadResult:
-        planned = typed(refs | 'Plan' >> beam.ParDo(_Plan(self._fn.split_size)).with_output_types(
-            TextRange).with_outputs(SPREAD, main='whole'), spread=TextRange)
-        spread = planned[SPREAD] | 'Spread' >> beam.Reshuffle()
+        split = self._fn.split_size
+        whole = refs | 'PlanWhole' >> beam.FlatMap(plan_ranges, split, whole=True)\
+            .with_output_types(TextRange)
+        spread = (refs
+                  | 'Plan' >> beam.FlatMap(plan_ranges, split, whole=False)
+                  .with_output_types(TextRange)
+                  | 'Spread' >> Spread())
         outs = [typed(ranges | name >> beam.ParDo(self._fn).with_output_types(
             Chunk).with_outputs(ERRORS, STATS, HANDED_OFF, main='chunks'),
             errors=ErrorRecord, stats=tuple[ObjectRef, ObjectStats], handed_off=ObjectRef)
-            for name, ranges in (('ReadWhole', planned.whole), ('Read', spread))]
+            for name, ranges in (('ReadWhole', whole), ('Read', spread))]
         errors, handed_off = (tuple(o[tag] for o in outs) | f'All{tag.title()}' >> beam.Flatten()
                               for tag in (ERRORS, HANDED_OFF))
         return ReadResult(tuple(o.chunks for o in outs), errors, tuple(o[STATS] for o in outs),
                           handed_off)
 
-
-SPREAD = 'spread'
-
-
-class _Plan(beam.DoFn):
-    """ObjectRef -> its TextRanges: on the main output when it is one range, on 'spread'
-    when there are more (they cross a Reshuffle)."""
-
-    def __init__(self, split_bytes: int):
-        self._split = split_bytes
-
-    def process(self, ref: ObjectRef):
-        ranges = list(plan_ranges(ref, self._split))
-        if len(ranges) == 1:
-            yield ranges[0]
-        else:
-            yield from (beam.pvalue.TaggedOutput(SPREAD, r) for r in ranges)
 
 
 class ByteWindowReader:

@@ -201,7 +201,11 @@ class LocalStore(Store):
                     continue  # every path below it sorts before lo
                 yield from self.walk(key, lo, hi)
             elif in_range(key, lo, hi) and entry.is_file():
-                yield self._ref(key, entry.stat())
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # deleted since the folder was read: not listed
+                    continue
+                yield self._ref(key, st)
 
     @staticmethod
     def _entries(folder: str) -> list:

@@ -124,15 +124,16 @@ def rewrite_manifest(table_path: str, files: Sequence[TableFile], folder: str,
 
 
 def _write_sorted(table_path: str, folder: str, rows: pa.Table, result: ManifestRewrite,
-                  written: int) -> int:
-    """Writes sorted rows as files of at most MANIFEST_FILE_ROWS, their add actions into
-    `result`; returns the count of files written so far."""
+                  written: int, target_rows: int = MANIFEST_FILE_ROWS, name: str = 'manifest',
+                  write=write_table) -> int:
+    """Writes sorted rows as files `<name>-NNNNN.parquet` of at most `target_rows`, their add
+    actions (with their URI ranges) into `result`; returns the count of files written."""
     result.rows += rows.num_rows
-    for start in range(0, rows.num_rows, MANIFEST_FILE_ROWS):
-        piece = rows.slice(start, MANIFEST_FILE_ROWS)
-        out = outputs.path(folder, f'manifest-{written:05d}.parquet')
+    for start in range(0, rows.num_rows, target_rows):
+        piece = rows.slice(start, target_rows)
+        out = outputs.path(folder, f'{name}-{written:05d}.parquet')
         written += 1
-        write_table(piece, out)
+        write(piece, out)
         action = add_action(table_path, out, piece.num_rows, bounds_of(piece.column('uri')))
         result.adds.append(action)
         result.bytes_written += action.size
@@ -169,17 +170,9 @@ def compact_files(table_path: str, files: Sequence[TableFile], folder: str, targ
         rows = pa.concat_tables([open_parquet(f.path).read() for f in group])
         keys = [('uri', 'ascending')] + ([('page', 'ascending'), ('start', 'ascending')]
                                          if sort_chunks else [])
-        rows = rows.sort_by(keys)
         result.removes += [remove_action(table_path, f.path) for f in group]
-        for start in range(0, rows.num_rows, target_rows):
-            piece = rows.slice(start, target_rows)
-            out = outputs.path(folder, f'compact-{written:05d}.parquet')
-            written += 1
-            _write_like_the_sink(piece, out)
-            action = add_action(table_path, out, piece.num_rows, bounds_of(piece.column('uri')))
-            result.adds.append(action)
-            result.bytes_written += action.size
-        result.rows += rows.num_rows
+        written = _write_sorted(table_path, folder, rows.sort_by(keys), result, written,
+                                target_rows, 'compact', _write_like_the_sink)
     return result
 
 
