@@ -199,3 +199,34 @@ def test_after_120_commits_the_tables_open_from_a_checkpoint(tmp_path):
         after = [f for f in log.glob('*.json') if int(f.stem) > last]
         assert last >= 120 - CHECKPOINT_INTERVAL and len(after) < 20, (last, len(after))
         assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == 120
+
+
+def test_compact_rewrites_small_files_and_the_index_follows(tmp_path):
+    """Nightly runs that each change a few objects leave small chunk files; `ragbeam
+    compact` rewrites them into fewer, sorted files in one commit: the same rows, a query
+    finds the same chunks, and the index names the new table version."""
+    from deltalake import DeltaTable
+
+    n = 2000
+    write_small_objects(tmp_path / 'src', n, PER_FOLDER)
+    out = tmp_path / 'out'
+    ragbeam('run', '--input', tmp_path / 'src', '--output', out, '--index-type', 'flat')
+    for night in range(1, 6):
+        edit_small_objects(tmp_path / 'src', pick(n, 7, False, seed=night), night, PER_FOLDER)
+        ragbeam('run', '--input', tmp_path / 'src', '--output', out, '--index-type', 'flat')
+    before_files = len(DeltaTable(str(out / 'chunks')).file_uris())
+    before_rows = sorted(DeltaTable(str(out / 'chunks')).to_pyarrow_table(
+        columns=['chunk_id']).column('chunk_id').to_pylist())
+    query = ('query', '--output', out, '--json', '-k', '3', 'Object 1234 edit 0')
+    hits = [h['chunk_id'] for h in json.loads(ragbeam(*query).stdout)]
+    done = ragbeam('compact', '--output', out).stdout
+    assert 'compacted' in done, done
+    table = DeltaTable(str(out / 'chunks'))
+    assert len(table.file_uris()) < before_files
+    assert sorted(table.to_pyarrow_table(columns=['chunk_id']).column('chunk_id')
+                  .to_pylist()) == before_rows
+    assert json.loads((out / 'index' / 'index.json').read_text())['table_version'] == \
+        table.version() == 6
+    assert [h['chunk_id'] for h in json.loads(ragbeam(*query).stdout)] == hits
+    check_output(out, '--input', tmp_path / 'src')
+    assert 'nothing to compact' in ragbeam('compact', '--output', out).stdout
