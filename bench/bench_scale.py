@@ -103,8 +103,9 @@ FIRST_OBJECTS_PER_S = 4000.0
 GRAPH_LIMIT_BYTES = MB
 GRAPH_GROWTH_BYTES = 4 << 10  # "within a few KB" of the graph at 10k
 WRITE_AMPLIFICATION_LIMIT = 3.0
-FLAT_GROWTH = 1.25  # a per-object figure is flat when at the largest N it is at most this
-#                     times its value at the smallest (falling is flat: fixed costs spread)
+FLAT_KB_PER_OBJECT = 0.05  # memory is flat in N when an object adds at most this (50 MB a
+#                            million objects)
+PROJECTED = 10_000_000  # the bucket size the per-object figures are extrapolated to
 
 
 @dataclass
@@ -580,23 +581,28 @@ TARGETS = (target_unchanged, target_clustered, target_llama, target_first, targe
 
 
 def per_object(rows: list[Step]) -> dict:
-    """Peak tree RSS MB per 1k objects and wall µs per object, of the first and unchanged
-    runs at each N (ragbeam, local bucket), and whether each stays flat (FLAT_GROWTH)
-    from the smallest N to the largest; None with one N."""
+    """What each object adds, between one N and the next (ragbeam, local bucket; the fixed
+    start-up cancels out): KB of peak tree RSS and µs of wall time per object, for the first
+    and unchanged runs; whether memory is flat (each step adds at most FLAT_KB_PER_OBJECT);
+    and the 10M run this extrapolates to from the largest two N."""
     out = {}
     for step in ('first', 'unchanged'):
-        by_n = {r.objects: r for r in rows
-                if r.tool == RAGBEAM and r.step == step and r.returncode == 0}
-        if not by_n:
+        by_n = sorted((r.objects, r) for r in rows
+                      if r.tool == RAGBEAM and r.step == step and r.returncode == 0)
+        steps = [{'from': a, 'to': b,
+                  'kb_per_object': round((rb.peak_rss_mb - ra.peak_rss_mb) * 1024 / (b - a), 4),
+                  'us_per_object': round((rb.wall_seconds - ra.wall_seconds) * 1e6 / (b - a), 1)}
+                 for (a, ra), (b, rb) in zip(by_n, by_n[1:])]
+        if not steps:
             continue
-        figures = {n: {'rss_mb_per_1k_objects': round(r.peak_rss_mb / (n / 1000), 3),
-                       'us_per_object': round(r.wall_seconds * 1e6 / n, 1)}
-                   for n, r in sorted(by_n.items())}
-        small, large = min(by_n), max(by_n)
-        flat = None if small == large else {
-            key: figures[large][key] <= FLAT_GROWTH * figures[small][key]
-            for key in ('rss_mb_per_1k_objects', 'us_per_object')}
-        out[step] = {'by_objects': figures, 'flat': flat}
+        last, (n, r) = steps[-1], by_n[-1]
+        out[step] = {
+            'steps': steps,
+            'memory_flat': all(x['kb_per_object'] <= FLAT_KB_PER_OBJECT for x in steps),
+            'at_10m': {'peak_rss_mb': round(r.peak_rss_mb + last['kb_per_object'] / 1024
+                                            * (PROJECTED - n), 0),
+                       'wall_seconds': round(r.wall_seconds + last['us_per_object'] / 1e6
+                                             * (PROJECTED - n), 0)}}
     return out
 
 
@@ -639,16 +645,15 @@ def print_table(rows: list[Step], summ: dict) -> None:
     if summ['llama_not_run_at']:
         print(f"- LlamaIndex not run at {', '.join(f'{n:,}' for n in summ['llama_not_run_at'])}"
               f' objects (above {PEER_MAX_OBJECTS:,})')
-    print('\nPer object (ragbeam, local bucket):')
+    print('\nWhat each object adds (ragbeam, local bucket; between one N and the next):')
     for step, found in summ['per_object'].items():
-        figures = '; '.join(f"{n:,}: {f['rss_mb_per_1k_objects']:.3f} MB per 1k objects, "
-                            f"{f['us_per_object']:,.1f} µs per object"
-                            for n, f in found['by_objects'].items())
-        flat = found['flat']
-        verdict = ('one N: flat n/a' if flat is None else
-                   f"RSS per object {'flat' if flat['rss_mb_per_1k_objects'] else 'NOT flat'}, "
-                   f"time per object {'flat' if flat['us_per_object'] else 'NOT flat'}")
-        print(f'- {STEPS[step]}: {figures} ({verdict})')
+        figures = '; '.join(f"{x['from']:,} -> {x['to']:,}: {x['kb_per_object']:.3f} KB and "
+                            f"{x['us_per_object']:,.1f} µs per object" for x in found['steps'])
+        at = found['at_10m']
+        print(f"- {STEPS[step]}: {figures}; memory "
+              f"{'flat' if found['memory_flat'] else 'NOT flat'} (<= {FLAT_KB_PER_OBJECT} KB "
+              f"per object); at {PROJECTED:,} objects, extrapolated: {at['peak_rss_mb']:,.0f} MB,"
+              f" {at['wall_seconds']:,.0f} s")
 
 
 def _met(flag: Optional[bool]) -> str:

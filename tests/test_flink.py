@@ -100,8 +100,9 @@ def test_the_ranges_of_one_big_object_spread_over_the_cluster(cluster, tmp_path)
     src.mkdir()
     write_text(str(src / 'one.txt'), 2 << 20)
     before = {j['jid'] for j in flink.jobs()}
+    # past one window, so that it is read in ranges (an object of one window is read whole)
     ragbeam('run', '--input', src, '--output', tmp_path / 'out', '--split-bytes', '64KiB',
-            '--embedder', 'hash', *flags)
+            '--window-bytes', '64KiB', '--embedder', 'hash', *flags)
     jid, = {j['jid'] for j in flink.jobs()} - before
     reads = [records for name, records in flink.vertex_records(jid)
              if 'ReadText/{Spread, Read}' in name]
