@@ -334,7 +334,12 @@ def _staged_manifest(pattern: str) -> pa.Table:
     finished bundles listed."""
     from transforms.corpus.files import open_parquet
     tables = [open_parquet(path).read() for path in _read_lines(pattern)]
-    return merge_stats(pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table())
+    stats = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
+    del tables
+    staged = merge_stats(stats)
+    del stats
+    pa.default_memory_pool().release_unused()  # what the merge freed, back to the system
+    return staged
 
 
 def _deletes(pattern: str, ranges: list[dict], inputs: list[str]) -> list[str]:

@@ -53,22 +53,32 @@ def merge_stats(stats: pa.Table) -> pa.Table:
     """Each object's stats rows merged into its manifest row (MANIFEST_SCHEMA), in Arrow."""
     if not stats.num_rows:
         return MANIFEST_SCHEMA.empty_table()
-    rank = pc.fill_null(pc.cast(pc.index_in(stats.column('status'), value_set=pa.array(
-        sorted(STATUS_RANK, key=STATUS_RANK.get))), pa.int64()), len(STATUS_RANK))
-    # the record that ranks first decides status and reason: rank, then reason (as merge sorts)
-    order = pc.binary_join_element_wise(pc.cast(rank, pa.string()),
-                                        pc.fill_null(stats.column('reason'), ''), '\x00')
-    keyed = stats.append_column('order', order)
-    merged = keyed.group_by('uri', use_threads=False).aggregate(
-        [(c, 'sum') for c in _SUMS] + [(c, 'min') for c in _LABELS]
-        + [('size', 'max'), ('version', 'max'), ('pages', 'max'), ('order', 'min')])
-    first = merged.column('order_min')
-    parts = pc.split_pattern(first, '\x00', max_splits=1)
-    status_rank = pc.cast(pc.list_element(parts, 0), pa.int64())
-    reason = pc.list_element(parts, 1)
-    names = pa.array(sorted(STATUS_RANK, key=STATUS_RANK.get) + ['ok'])
-    status = pc.take(names, status_rank)
-    reason = pc.if_else(pc.equal(reason, ''), pa.scalar(None, pa.string()), reason)
+    if pc.count_distinct(stats.column('uri')).as_py() == stats.num_rows:
+        # one record an object (small objects: one restriction each): nothing to aggregate
+        merged = stats.rename_columns([f'{c}_sum' if c in _SUMS else f'{c}_min' if c in _LABELS
+                                       else f'{c}_max' if c in ('size', 'version', 'pages')
+                                       else c for c in stats.column_names])
+    else:
+        merged = stats.group_by('uri', use_threads=False).aggregate(
+            [(c, 'sum') for c in _SUMS] + [(c, 'min') for c in _LABELS]
+            + [('size', 'max'), ('version', 'max'), ('pages', 'max')])
+    # the status and reason of the record that ranks first (failed, then skipped; then by
+    # reason, as ObjectStats.merge sorts): only records with a status take part, and those
+    # are few (a first run of millions of objects makes no string column per object here)
+    marked = stats.filter(pc.is_valid(stats.column('status'))).select(['uri', 'status', 'reason'])
+    rank = pc.index_in(marked.column('status'),
+                       value_set=pa.array(sorted(STATUS_RANK, key=STATUS_RANK.get)))
+    first = {}
+    for uri, r, status, reason in sorted(zip(marked.column('uri').to_pylist(), rank.to_pylist(),
+                                             marked.column('status').to_pylist(),
+                                             marked.column('reason').to_pylist()),
+                                         key=lambda row: (row[0], row[1], row[3] or '')):
+        first.setdefault(uri, (status, reason))
+    uris = pa.array(list(first), pa.string())
+    at = pc.index_in(merged.column('uri'), value_set=uris)
+    status = pc.fill_null(pc.take(pa.array([v[0] for v in first.values()], pa.string()), at),
+                          'ok')
+    reason = pc.take(pa.array([v[1] for v in first.values()], pa.string()), at)
     columns = {
         'uri': merged.column('uri'), 'size': merged.column('size_max'),
         'version': merged.column('version_max'), 'status': status,
@@ -80,5 +90,4 @@ def merge_stats(stats: pa.Table) -> pa.Table:
         'fingerprint': pa.nulls(merged.num_rows, pa.string()),
         'extractor': merged.column('extractor_min')}
     return pa.table([pc.cast(columns[f.name], f.type) for f in MANIFEST_SCHEMA],
-                     schema=MANIFEST_SCHEMA).sort_by('uri')
-
+                    schema=MANIFEST_SCHEMA).sort_by('uri')

@@ -1,8 +1,8 @@
 """Routing listed objects: skipped before any read (with a reason), or to the PDF or text reader.
 
-Every routed object also gets its first stats record here, empty or `skipped`: the manifest
-row of each object is merged from its stats records alone (transforms.manifest), so an
-object that no reader reports on (an empty one) still has its row."""
+The manifest row of each object is merged from its stats records alone (transforms.manifest):
+the readers give one per restriction they read, and Route gives one to each object that no
+reader reports on, a skipped or an empty one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,7 +35,7 @@ class RouteOptions:
 
 class Routes(NamedTuple):
     """Where the listed objects go: refs for the text and PDF readers, and (ref, stats) of
-    each, empty or `skipped` with the reason."""
+    the skipped objects (with the reason) and of the empty ones."""
     text: beam.PCollection
     pdf: beam.PCollection
     stats: beam.PCollection
@@ -63,10 +63,9 @@ class _RouteFn(beam.DoFn):
     def process(self, element):
         uri, ref = element
         reason = self._options.skip_reason(ref)
-        stats = ObjectStats()
-        if reason:
-            stats.status, stats.reason = 'skipped', reason
-        yield beam.pvalue.TaggedOutput('stats', (ref, stats))
+        if reason or not ref.size:  # no reader reports on these (an empty object: no range)
+            yield beam.pvalue.TaggedOutput('stats', (ref, ObjectStats(
+                status='skipped' if reason else None, reason=reason)))
         if reason:
             WORK.add(objects_done=1)
         elif is_pdf_name(uri):
