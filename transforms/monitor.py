@@ -168,6 +168,12 @@ class _WorkCounts:
                                                 name='ragbeam-progress')
                 self._thread.start()
 
+    def bundle_done(self) -> None:
+        """Writes the counts now (at the end of a bundle), so that the driver's last sample,
+        taken when the job is done, has them all (the writer thread waits a second)."""
+        if self._folder is not None:
+            self.flush()
+
     def _write_forever(self) -> None:
         while True:
             self.flush()

@@ -128,6 +128,9 @@ class ReadWhole(beam.DoFn):
         with read_slot(self._reader.slots):
             yield from self._reader.read_restriction(part.ref, tracker)
 
+    def finish_bundle(self):
+        WORK.bundle_done()
+
 
 class ByteWindowReader:
     """Forward-only access to one object's bytes through ranged reads of at most window bytes.
@@ -208,6 +211,9 @@ class ReadTextChunks(beam.DoFn, OffsetRangeSplits):
     def process(self, part: TextRange, tracker=beam.DoFn.RestrictionParam()):
         with read_slot(self.slots):
             yield from self.read_restriction(part.ref, tracker)
+
+    def finish_bundle(self):
+        WORK.bundle_done()
 
     def read_restriction(self, ref: ObjectRef, tracker) -> Iterator:
         """What one restriction of an object gives: its chunks, errors, stats."""
