@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -178,7 +178,3 @@ def bounds_of(column: pa.Array) -> tuple[Optional[str], Optional[str]]:
     found = pc.min_max(column).as_py()
     return found['min'], found['max']
 
-
-def sorted_uris(values: Iterable[str]) -> pa.Array:
-    """URIs as a sorted, distinct Arrow array (what `TableFile.may_hold` and `without` take)."""
-    return pc.unique(pa.array(sorted(set(values)), pa.string()))

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms import outputs
-from transforms.corpus.files import (TableFile, add_action, bounds_of, open_parquet,
-                                     remove_action, table_files, table_relpath, uris, without,
-                                     write_table)
+from transforms.corpus.files import (TableFile, add_action, bounds_of, footer_bounds,
+                                     open_parquet, remove_action, table_files, table_relpath,
+                                     uris, without, write_table)
 from transforms.types import MANIFEST_SCHEMA
 
 MANIFEST_FILE_ROWS = 32768  # a manifest file's rows: a change rewrites at most about this many
@@ -65,8 +65,7 @@ def remove_objects(table_path: str, storage_options: Optional[dict], folder: str
         count = without(f.path, value_set, out)
         removal.rows += len(found) - count
         if count:
-            kept = bounds_of(open_parquet(out).read(columns=['uri']).column('uri'))
-            action = add_action(table_path, out, count, kept)
+            action = add_action(table_path, out, count, footer_bounds(out))
             removal.adds.append(action)
             removal.bytes_written += action.size
             removal.copies[table_relpath(table_path, out)] = table_relpath(table_path, f.path)

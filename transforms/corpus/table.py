@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import outputs
 from transforms.corpus.diff import ManifestAt
-from transforms.corpus.files import (add_action, bounds_of, open_parquet, parquet_files,
+from transforms.corpus.files import (add_action, footer_bounds, open_parquet, parquet_files,
                                      remove_action, table_files, table_relpath, uris, without,
                                      write_table)
 from transforms.corpus.hooks import crash_point
@@ -275,19 +275,20 @@ class Corpus:
             FileSystems.delete(retried)
         adds, rows, size = [], 0, 0
         for n, path in enumerate(sorted(run.written)):
-            found = uris(path)
-            if not len(found):  # a reader that had nothing to write leaves an empty file
+            count = open_parquet(path).metadata.num_rows
+            if not count:  # a reader that had nothing to write leaves an empty file
                 continue
-            if len(failed) and pc.any(pc.is_in(found, value_set=failed)).as_py():
+            if len(failed) and pc.any(pc.is_in(uris(path), value_set=failed)).as_py():
                 kept = outputs.path(folder, f'kept-{n:05d}.parquet')
                 count = without(path, failed, kept)
                 FileSystems.delete([path])
                 if not count:
                     continue
-                path, found = kept, uris(kept)
-            action = add_action(self.chunks_path, path, len(found), bounds_of(found))
+                path = kept
+            # the URI range from the footer's statistics: no column is read
+            action = add_action(self.chunks_path, path, count, footer_bounds(path))
             adds.append(action)
-            rows += len(found)
+            rows += count
             size += action.size
         return adds, rows, size
 
