@@ -229,9 +229,13 @@ def test_a_big_pdf_runs_in_bounded_memory(tmp_path):
                       '--output', str(out), '--index-type', 'none', '--embedder', 'hash'],
                      cwd=ROOT)
     assert m.returncode == 0, m.output[-3000:]
-    # measured: 296 MB (199 MB anonymous); PDFium keeps what it parsed until the document
-    # closes, so its process re-opens the document as it grows (REOPEN_GROWTH_MB)
-    assert m.peak_rss_mb <= 400, f'peak RSS {m.peak_rss_mb:.0f} MB for a {path.stat().st_size >> 20} MB PDF'
+    # PDFium keeps what it parsed until the document closes, so its process re-opens the
+    # document as it grows (REOPEN_GROWTH_MB). The anonymous memory is the bound: the summed RSS
+    # counts the shared libraries' clean pages once in each of the two processes, and how many
+    # are resident depends on the page cache (seen: 276 and 503 MB RSS, 187 and 246 anonymous)
+    size_mb = path.stat().st_size >> 20
+    assert m.peak_anon_mb < 320, f'peak anonymous {m.peak_anon_mb:.0f} MB for a {size_mb} MB PDF'
+    assert m.peak_rss_mb < 640, f'peak RSS {m.peak_rss_mb:.0f} MB for a {size_mb} MB PDF'
     pages = ds.dataset(out / 'chunks').to_table(columns=['page']).column('page').to_pylist()
     assert sorted(set(pages)) == list(range(1, 601))
     row = _manifest(out)['big.pdf']
