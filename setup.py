@@ -11,13 +11,14 @@ setup(
     packages=['pipeline', 'transforms', 'transforms.corpus', 'transforms.index'],
     python_requires='>=3.10',
     install_requires=[
-        # 2.62.0: the newest Beam whose Flink job server Maven Central serves whole (README,
-        # "Runners"); the SDK and the job server must be of one version
-        'apache-beam[gcp,aws]==2.62.0',
-        'pyarrow>=16',  # Beam 2.62 takes pyarrow < 17
-        # the PDF engines, pinned: their text is what chunk offsets index (tests/fixtures)
-        'pypdfium2==5.15.2',  # PDFium, the default engine
-        'pypdf[crypto]==7.1.1',  # the fallback engine, and --pdf-engine pypdf
+        # any Beam 2 from 2.62 on; the tested combination is in constraints.txt (README,
+        # "Beam versions"). Prism and the Flink job server follow the installed SDK's version.
+        'apache-beam[gcp,aws]>=2.62,<3',
+        'pyarrow>=16',
+        # the PDF engines, each within one release line: their text is what chunk offsets
+        # index (tests/fixtures), and another line may extract other text
+        'pypdfium2~=5.15.2',  # PDFium, the default engine
+        'pypdf[crypto]~=7.1.1',  # the fallback engine, and --pdf-engine pypdf
         'pillow',
         'pytesseract',
         'boto3',
@@ -26,14 +27,16 @@ setup(
         'charset-normalizer>=3.3',
         'numpy',
         # the corpus tables: Delta Lake through delta-rs (atomic commits, time travel)
-        'deltalake==1.6.6',
+        'deltalake>=1.6.6,<2',
         # the lexical (BM25) index: its on-disk format is named in index.json
-        'tantivy==0.27.0',
+        'tantivy~=0.27.0',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist', 'hypothesis', 'moto[server]', 'gcp-storage-emulator',
-                 # DuckDB reads the committed tables (its delta extension, offline)
-                 'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5'],
+        'test': ['pytest', 'pytest-xdist', 'hypothesis', 'moto[server]',
+                 # DuckDB reads the committed tables (its delta extension, and httpfs for gs://,
+                 # loaded from these packages: offline)
+                 'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5',
+                 'duckdb-extension-httpfs==1.5.5'],
         # bench_index compares the lexical index with bm25s (in memory, scipy sparse).
         # Not here: bench_scale's LlamaIndex peer. llama-index-readers-file pins pypdf < 7
         # (ragbeam pins 7.1.1); pip then backtracks to llama-index-core 0.10 and numpy 1.x.

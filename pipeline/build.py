@@ -153,9 +153,9 @@ def prepare(opts: RunOptions) -> tuple[beam.Pipeline, RunPlan, corpus.Corpus]:
     dead driver left half-done finished, and the graph built against the committed corpus."""
     opts.validate()
     p = make_pipeline(opts.beam_args, opts.store)
-    outputs.configure(p.options)
+    outputs.configure(p.options, opts.store)
     check_patterns(opts.inputs, opts.store)
-    outputs.prepare(opts.output)
+    outputs.prepare(opts.output, opts.store)
     storage = opts.store.delta_storage_options(opts.output)
     committed = corpus.Corpus(opts.output, storage)
     committed.roll_forward()  # a commit whose driver died half-way

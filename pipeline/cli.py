@@ -113,10 +113,10 @@ def _store(args) -> StoreConfig:
     FileSystems; an output on S3 without credentials fails here, in one line."""
     config = from_args(StoreConfig, args)
     try:
-        require_credentials(args.output)
+        require_credentials(args.output, config)
     except StoreError as e:
         raise UsageError(str(e)) from e
-    outputs.configure(PipelineOptions(store_beam_args(config, [])))
+    outputs.configure(PipelineOptions(store_beam_args(config, [])), config)
     return config
 
 

@@ -42,7 +42,7 @@ def pytest_configure(config):
 # workers finish close together.
 UNITS = {'test_runners.py': 'engines', 'test_flink.py': 'engines'}
 UNIT_SECONDS = {'engines': 990, 'test_backfill.py': 400, 'test_pdf.py': 185, 'test_index.py': 180,
-                'test_backfill_s3.py': 200, 'test_stores.py': 110, 'test_memory.py': 110,
+                'test_backfill_buckets.py': 450, 'test_stores.py': 110, 'test_memory.py': 110,
                 'test_cli.py': 90, 'test_minilm.py': 130, 'test_hybrid.py': 75,
                 'test_pipeline_text.py': 70, 'test_entities.py': 70, 'test_monitor.py': 60,
                 'test_chunk.py': 60, 'test_scale.py': 130}
@@ -97,7 +97,8 @@ def corpus_params(kind: str) -> list:
     return rows or [pytest.param(None, marks=pytest.mark.skip(reason=SHARED_MISSING))]
 
 
-def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def ragbeam(*args: str, check: bool = True, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m pipeline ARGS` as a user would; fails the test on a non-zero exit.
 
     Runs use the fast hash embedder unless a test names one: the model is tested on its own.
@@ -105,7 +106,7 @@ def ragbeam(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
     if args and args[0] == 'run' and '--embedder' not in args:
         args = (*args, '--embedder', 'hash')
     proc = subprocess.run([sys.executable, '-m', 'pipeline', *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         pytest.fail(f'ragbeam {" ".join(map(str, args))} exited {proc.returncode}:\n'
                     f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
@@ -213,6 +214,23 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+FAKE_GCS = SHARED / 'tools' / 'fake-gcs-server' / 'fake-gcs-server'
+
+
+@pytest.fixture(scope='module')
+def gcs():
+    """The shared GCS emulator (fake-gcs-server) on 127.0.0.1, with the shared texts in
+    gs://corpus/text/; STORAGE_EMULATOR_HOST names it for the module's tests."""
+    from tests.servers import FakeGCS
+
+    if not FAKE_GCS.is_file():
+        pytest.fail(f'the GCS emulator {FAKE_GCS} is missing from the shared folder')
+    server = FakeGCS(FAKE_GCS)
+    server.upload_tree('corpus', CORPUS / 'text', 'text')
+    yield server
+    server.stop()
 
 
 # .ci/run sets this: there, a missing toolchain (go, mvn, java) fails the tests of the engines

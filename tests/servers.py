@@ -1,5 +1,8 @@
 """Local object-store servers for tests: moto's S3, a fault-injecting proxy, a GCS emulator.
 
+MotoS3 and FakeGCS answer the same calls (create_bucket, put, put_bodies, delete,
+upload_tree, download_tree, endpoint_args), so that a test can run on either.
+
 Everything listens on 127.0.0.1 and is started and stopped by the tests themselves.
 """
 from __future__ import annotations
@@ -8,10 +11,13 @@ import http.client
 import logging
 import os
 import socket
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import unquote
 
 S3_ENV = {'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
           'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true'}
@@ -25,6 +31,7 @@ def free_port() -> int:
 
 class MotoS3:
     """moto's threaded HTTP server: a real S3 endpoint on 127.0.0.1."""
+    scheme = 's3'
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
@@ -35,6 +42,7 @@ class MotoS3:
         host, port = self._server.get_host_and_port()
         self.endpoint = f'http://{host}:{port}'
         self.port = port
+        self.endpoint_args = ('--s3-endpoint-url', self.endpoint)
 
     def client(self, **kwargs):
         import boto3
@@ -49,6 +57,18 @@ class MotoS3:
             if path.is_file():
                 s3.put_object(Bucket=bucket, Key=f'{prefix}/{path.relative_to(root)}',
                               Body=path.read_bytes())
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client().create_bucket(Bucket=bucket)
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=body)
+
+    def delete(self, bucket: str, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            self.client().delete_objects(Bucket=bucket, Delete={
+                'Objects': [{'Key': key} for key in keys[i:i + 1000]]})
 
     def put_many(self, bucket: str, keys: Iterable[str], body: bytes) -> None:
         """Puts many small objects straight into the server's backend (HTTP PUTs take minutes)."""
@@ -76,7 +96,7 @@ class MotoS3:
 
 
 class FaultProxy:
-    """An HTTP proxy in front of an S3 endpoint that breaks some ranged GETs on purpose.
+    """An HTTP proxy in front of an S3 or GCS endpoint that breaks some ranged GETs on purpose.
 
     Of the object reads (GETs with a Range header), in turn: every 4th+1 is answered
     503 SlowDown, every 4th+2 has its body cut in half, every 7th+3 is answered 500. Hooks run
@@ -114,7 +134,9 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = {k: v for k, v in self.headers.items() if k.lower() != 'host'}
+                headers['Host'] = f'127.0.0.1:{upstream_port}'  # GCS's XML API answers one host
+                conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 self.send_response(resp.status)
@@ -146,11 +168,13 @@ class FaultProxy:
     def _plan(self, method: str, path: str, headers) -> tuple:
         if method != 'GET' or 'Range' not in headers:
             return None, None
-        key = path.split('?', 1)[0].split('/', 2)[-1]
+        # the key, as S3 (/bucket/key) or GCS (/download/storage/v1/b/bucket/o/key) names it
+        where = unquote(path.split('?', 1)[0])
         with self._lock:
             self.reads += 1
             n = self.reads
-            hook = self.hooks.pop(key, None)
+            key = next((k for k in self.hooks if where.endswith('/' + k)), None)
+            hook = self.hooks.pop(key) if key else None
             fault = None
             if self._faults:
                 fault = {1: 503, 2: 'cut'}.get(n % 4) or (500 if n % 7 == 3 else None)
@@ -161,29 +185,66 @@ class FaultProxy:
         self._server.shutdown()
 
 
-class GCSEmulator:
-    """gcp-storage-emulator in this process; STORAGE_EMULATOR_HOST points clients at it."""
+class FakeGCS:
+    """The shared fake-gcs-server (SHARED/tools/fake-gcs-server: GCS's JSON and XML APIs,
+    generation preconditions honoured) on 127.0.0.1, in memory; STORAGE_EMULATOR_HOST points
+    the clients of this process and its children at it."""
+    scheme = 'gs'
 
-    def __init__(self):
-        from gcp_storage_emulator.server import create_server
+    def __init__(self, binary: Path):
+        import urllib.request
 
         self.port = free_port()
-        self.host = f'http://127.0.0.1:{self.port}'
-        os.environ['STORAGE_EMULATOR_HOST'] = self.host
-        self._server = create_server('127.0.0.1', self.port, in_memory=True)
-        self._server.start()
+        self.endpoint = f'http://127.0.0.1:{self.port}'
+        address = f'127.0.0.1:{self.port}'
+        # -public-host: the XML routes answer only that host; -external-url: the Location of a
+        # resumable upload (Beam's gcsio writes that way)
+        self._proc = subprocess.Popen(
+            [str(binary), '-backend', 'memory', '-scheme', 'http', '-host', '127.0.0.1',
+             '-port', str(self.port), '-public-host', address, '-external-url', self.endpoint,
+             '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f'{self.endpoint}/storage/v1/b', timeout=2).read()
+                break
+            except OSError:
+                if self._proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f'{binary} did not start on {address}')
+                time.sleep(0.1)
+        os.environ['STORAGE_EMULATOR_HOST'] = self.endpoint
+        self.endpoint_args = ('--gcs-endpoint-url', self.endpoint)
 
     def client(self):
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        return storage.Client(project='test', credentials=AnonymousCredentials())
+        return storage.Client(project='test', credentials=AnonymousCredentials(),
+                              client_options={'api_endpoint': self.endpoint})
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client().create_bucket(bucket)
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_string(body)
+
+    def put_bodies(self, bucket: str, items: Iterable[tuple[str, bytes]]) -> None:
+        """Puts many (key, body) objects, 16 uploads at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        b = self.client().bucket(bucket)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda item: b.blob(item[0]).upload_from_string(item[1]), items))
+
+    def delete(self, bucket: str, keys: Iterable[str]) -> None:
+        b = self.client().bucket(bucket)
+        for key in keys:
+            b.blob(key).delete()
 
     def upload_tree(self, bucket: str, root: Path, prefix: str) -> None:
-        b = self.client().create_bucket(bucket)
-        for path in sorted(root.rglob('*')):
-            if path.is_file():
-                b.blob(f'{prefix}/{path.relative_to(root)}').upload_from_string(path.read_bytes())
+        self.create_bucket(bucket)
+        self.put_bodies(bucket, ((f'{prefix}/{path.relative_to(root)}', path.read_bytes())
+                                 for path in sorted(root.rglob('*')) if path.is_file()))
 
     def download_tree(self, bucket: str, prefix: str, dest: Path) -> None:
         for blob in self.client().list_blobs(bucket, prefix=prefix):
@@ -192,5 +253,6 @@ class GCSEmulator:
             target.write_bytes(blob.download_as_bytes())
 
     def stop(self) -> None:
-        self._server.stop()
+        self._proc.kill()
+        self._proc.wait()
         os.environ.pop('STORAGE_EMULATOR_HOST', None)

@@ -13,8 +13,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.ranged_file import RangedFile
-from transforms.store import (Store, StoreConfig, StoreError, require_credentials,
-                              share_beam_s3_clients, store_for)
+from transforms.store import (GCS_EMULATOR_ENV, Store, StoreConfig, StoreError,
+                              adapt_beam_filesystems, require_credentials, store_for)
 from transforms.types import ObjectRef
 
 
@@ -32,26 +32,26 @@ def is_local(output: str) -> bool:
     return FileSystems.get_scheme(output) is None
 
 
-def configure(options: PipelineOptions) -> None:
+def configure(options: PipelineOptions, config: StoreConfig) -> None:
     """Points Beam's FileSystems (which write the outputs) at the run's stores and credentials."""
     FileSystems.set_options(options)
-    share_beam_s3_clients()
-    if os.environ.get('STORAGE_EMULATOR_HOST'):
+    endpoint = config.gcs_endpoint()
+    if endpoint:
+        # Beam's gcsio reads the emulator from the environment, and so do the worker processes
+        # that a runner starts from this one
+        os.environ[GCS_EMULATOR_ENV] = endpoint
         # Emulator mode needs no credentials; without this Beam spends ~20 s looking for them.
         from apache_beam.internal.gcp import auth
         auth._Credentials._credentials_init = True
         auth._Credentials._credentials = None
+    adapt_beam_filesystems()
 
 
-def prepare(output: str) -> None:
+def prepare(output: str, config: StoreConfig) -> None:
     """Makes the output location and checks it is writable; an earlier run's corpus stays
     until this run commits."""
-    if output.startswith('gs://'):
-        raise OutputError(f'--output {output}: a corpus on gs:// is not supported yet (its Delta '
-                          'tables are committed with delta-rs, untested on GCS here); write to '
-                          'a local folder or s3://, inputs may stay on gs://')
     try:
-        require_credentials(output)
+        require_credentials(output, config)
     except StoreError as e:
         raise OutputError(str(e)) from e
     try:
@@ -110,8 +110,6 @@ def active_files(table_path: str, storage_options: Optional[dict] = None,
     """The URIs of the files that make up a Delta table now (or at `version`); None when it
     is not one."""
     from deltalake import DeltaTable
-    if table_path.startswith('gs://'):  # no corpus tables on GCS yet (README, "Scheduled backfills")
-        return None
     if not DeltaTable.is_deltatable(table_path, storage_options=storage_options):
         return None
     return {normal_uri(u) for u in

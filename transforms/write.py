@@ -20,7 +20,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.batch import BatchBounded
 from transforms.monitor import WORK, MonitorOptions, StageMonitor
-from transforms.store import share_beam_s3_clients
+from transforms.store import adapt_beam_filesystems
 from transforms.types import Chunk, ErrorRecord, chunk_schema, embedding_dim
 
 ROW_GROUP_ROWS = 4096
@@ -97,7 +97,7 @@ class ParquetFileWriter(beam.DoFn):
         self._last_uri = ''
 
     def setup(self):
-        share_beam_s3_clients()
+        adapt_beam_filesystems()
 
     def start_bundle(self):
         self._path = self._file = self._writer = None

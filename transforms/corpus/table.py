@@ -112,8 +112,6 @@ class Corpus:
 
     def _open(self, table: str):
         from deltalake import DeltaTable
-        if table.startswith('gs://'):  # no corpus tables on GCS yet (outputs.prepare)
-            return None
         if DeltaTable.is_deltatable(table, storage_options=self.storage_options):
             return DeltaTable(table, storage_options=self.storage_options)
         return None

@@ -23,7 +23,7 @@ from transforms.index.files import (CODEC_FILE, INDEX_FILE, IVF_DATA_FILE, META_
 from transforms.index.plan import (BATCH_ROWS, HNSW_M, Plan, Shard, choose_type, embeddings,
                                    part_vectors, plan)
 from transforms.index.update import try_update
-from transforms.store import StoreConfig, share_beam_s3_clients
+from transforms.store import StoreConfig, adapt_beam_filesystems
 
 SHARD_ROWS = 250_000             # vectors one worker adds (its memory: ~440 bytes each)
 IVF_RERANK = 64                  # candidates per result re-ranked with the SQ8 vectors
@@ -186,7 +186,7 @@ class AddShard(beam.DoFn):
         self._config = config
 
     def setup(self):
-        share_beam_s3_clients()
+        adapt_beam_filesystems()
 
     def process(self, shard: Shard) -> Iterator[int]:
         with tempfile.TemporaryDirectory(prefix='ragbeam-shard-') as tmp:

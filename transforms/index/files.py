@@ -76,9 +76,17 @@ def local_copy(file_path: str, folder: str) -> str:
     if outputs.is_local(file_path):
         return file_path
     local = os.path.join(folder, os.path.basename(file_path))
+    # exactly the listed size, never a read at the end: that asks GCS's API for an empty
+    # range, which the emulator answers with a 416 whose body is cut (a short file still fails)
+    left = FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
     with FileSystems.open(file_path, compression_type='uncompressed') as src, \
             open(local, 'wb') as dst:
-        shutil.copyfileobj(src, dst, 8 << 20)
+        while left:
+            block = src.read(min(left, 8 << 20))
+            if not block:
+                raise OSError(f'{file_path}: {left} bytes short of its listed size')
+            dst.write(block)
+            left -= len(block)
     return local
 
 

@@ -1,7 +1,8 @@
-"""Scheduled backfills with the input and the output in one S3 bucket (moto): crashes, stale
-commits, an ivfpq index updated through the bucket, and an object that changes during its
-read. Their own file, so that `pytest -n 2 --dist loadfile` runs them beside the local
-backfill tests."""
+"""Scheduled backfills with the input and the output in one bucket, on S3 (moto) and on GCS
+(the shared fake-gcs-server), the same tests on each: crashes, stale commits, an ivfpq index
+updated through the bucket, an object that changes during its read, and thousands of keys
+listed in ranges. Their own file, so that `pytest -n 2 --dist loadfile` runs them beside the
+local backfill tests."""
 from __future__ import annotations
 
 import json
@@ -11,29 +12,38 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import CORPUS, ROOT, check_output, ragbeam
 from tests.test_backfill import (FILES, _chunk_rows, _copy, _crash, _manifest_row, _report,
                                  _top_k, _version)
 
 
-class S3Corpus:
-    """Input and output in one moto bucket (`src/`, `out`), with a local mirror of the
-    input's final state for check_output."""
+@pytest.fixture(scope='module', params=['s3', 'gcs'])
+def store(request):
+    """moto's S3 or the GCS emulator: each test runs on both."""
+    return request.getfixturevalue(request.param)
 
-    def __init__(self, s3, tmp_path):
+
+class BucketCorpus:
+    """Input and output in one bucket (`src/`, `out`), with a local mirror of the input's
+    final state for check_output."""
+
+    def __init__(self, store, tmp_path):
         import uuid
-        self.s3, self.bucket = s3, f'backfill-{uuid.uuid4().hex[:8]}'
-        s3.client().create_bucket(Bucket=self.bucket)
+        # no '-': delta-rs percent-encodes it in the XML API's bucket path, which the emulator
+        # does not decode (GCS does)
+        self.store, self.bucket = store, f'backfill{uuid.uuid4().hex[:8]}'
+        store.create_bucket(self.bucket)
         self.src, self.tmp = _copy(tmp_path / 'src'), tmp_path
         for name in FILES[:4]:
             self.put(name)
 
     def uri(self, name: str) -> str:
-        return f's3://{self.bucket}/{name}'
+        return f'{self.store.scheme}://{self.bucket}/{name}'
 
     def put(self, name: str) -> None:
-        self.s3.client().put_object(Bucket=self.bucket, Key=f'src/{name}',
-                                    Body=(self.src / name).read_bytes())
+        self.store.put(self.bucket, f'src/{name}', (self.src / name).read_bytes())
 
     def change(self) -> None:
         """One object changed, one added, one deleted (here and in the mirror)."""
@@ -43,21 +53,20 @@ class S3Corpus:
         (self.src / 'ru-koi8-r.txt').unlink()
         self.put('rfc3986.txt')
         self.put('pep-0263.rst')
-        self.s3.client().delete_object(Bucket=self.bucket, Key='src/ru-koi8-r.txt')
+        self.store.delete(self.bucket, ['src/ru-koi8-r.txt'])
 
     def run(self, out: str, *extra, check=True):
         return ragbeam('run', '--input', self.uri('src/**'), '--output', self.uri(out),
-                       '--s3-endpoint-url', self.s3.endpoint, *extra, check=check)
+                       *self.store.endpoint_args, *extra, check=check)
 
     def crash(self, out: str, point: str, *extra) -> None:
-        _crash(self.uri('src/**'), self.uri(out), point, '--s3-endpoint-url', self.s3.endpoint,
-               *extra)
+        _crash(self.uri('src/**'), self.uri(out), point, *self.store.endpoint_args, *extra)
 
     def local(self, out: str):
         """A fresh local copy of an output (a Delta table's paths are relative)."""
         dest = self.tmp / f'copy-{out}'
         shutil.rmtree(dest, ignore_errors=True)
-        self.s3.download_tree(self.bucket, out, dest)
+        self.store.download_tree(self.bucket, out, dest)
         return dest
 
 
@@ -71,8 +80,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import outputs
 
 output, endpoint, signal, deleted = sys.argv[1:]
-config = StoreConfig(s3_endpoint_url=endpoint)
-outputs.configure(PipelineOptions(store_beam_args(config, [])))
+config = StoreConfig(**{('gcs' if output.startswith('gs://') else 's3') + '_endpoint_url': endpoint})
+outputs.configure(PipelineOptions(store_beam_args(config, [])), config)
 stale = Corpus(output, config.delta_storage_options(output))
 open(signal + '.ready', 'w').close()
 while not os.path.exists(signal + '.go'):
@@ -86,22 +95,22 @@ except CommitError as e:
 """
 
 
-def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_a_fresh_run(
-        s3, tmp_path):
+def test_an_incremental_run_survives_crashes_and_stale_commits_and_equals_a_fresh_run(
+        store, tmp_path):
     """With input and output in a bucket: runs killed before the chunks commit, between the
     two commits (the intent file in the bucket lets the next run finish the pair) and before
     the new index is made current; a commit from a handle opened
-    before another run committed (refused: delta-rs's conditional put, which moto honours as
-    S3 does), and an ivfpq index updated through the bucket; the end state equals a fresh
+    before another run committed (refused: delta-rs's conditional put, which moto and the
+    emulator honour as S3 and GCS do), and an ivfpq index updated through the bucket; the end state equals a fresh
     run's."""
     small = ('--index-type', 'ivfpq', '--chunk-size', '300', '--chunk-overlap', '30',
              '--index-rebuild-fraction', '1')  # enough chunks to train ivfpq; always update
-    corpus = S3Corpus(s3, tmp_path)
+    corpus = BucketCorpus(store, tmp_path)
     corpus.run('out', *small)
     before = _chunk_rows(corpus.local('out'))
     signal = tmp_path / 'stale'
     stale = subprocess.Popen([sys.executable, '-c', STALE_COMMIT, corpus.uri('out'),
-                              s3.endpoint, str(signal), corpus.uri('src/pep-0008.rst')],
+                              store.endpoint, str(signal), corpus.uri('src/pep-0008.rst')],
                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while not os.path.exists(f'{signal}.ready'):
         assert stale.poll() is None, stale.stderr.read()[-2000:]
@@ -114,8 +123,8 @@ def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_
     assert _version(corpus.local('out')) == 1
     corpus.crash('out', 'index-before-switch', *small)  # finishes the pair, indexes, dies
     assert _report(corpus.local('out'))['index']['table_version'] == 0
-    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
-                              s3.endpoint, '--json', 'percent encoding').stdout)
+    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), *store.endpoint_args,
+                              '--json', 'percent encoding').stdout)
     assert hits and {h['chunk_id'] for h in hits} <= {r['chunk_id'] for r in before}
     converged = corpus.run('out', *small)
     assert 'nothing to commit, table version 1' in converged.stdout  # committed before
@@ -146,20 +155,20 @@ def test_on_s3_an_incremental_run_survives_crashes_and_stale_commits_and_equals_
         table.column('id64').to_pylist())
     live = set(table.column('chunk_id').to_pylist())
     assert all(len(ids) == 10 and set(ids) <= live for ids in _top_k(out, 10))
-    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
-                              s3.endpoint, '--json', '-k', '10', '--uri-prefix',
+    hits = json.loads(ragbeam('query', '--output', corpus.uri('out'), *store.endpoint_args,
+                              '--json', '-k', '10', '--uri-prefix',
                               corpus.uri('src/pep-0263.rst'), 'source code encoding').stdout)
     assert len(hits) == 10 and {h['chunk_id'] for h in hits} <= live  # the new object
-    assert not json.loads(ragbeam('query', '--output', corpus.uri('out'), '--s3-endpoint-url',
-                                  s3.endpoint, '--json', '--uri-prefix',
+    assert not json.loads(ragbeam('query', '--output', corpus.uri('out'), *store.endpoint_args,
+                                  '--json', '--uri-prefix',
                                   corpus.uri('src/ru-koi8-r.txt'), 'text').stdout)  # deleted
 
 
-def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_retried(
-        s3, tmp_path):
+def test_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_retried(
+        store, tmp_path):
     from tests.servers import FaultProxy
 
-    corpus = S3Corpus(s3, tmp_path)
+    corpus = BucketCorpus(store, tmp_path)
     corpus.run('out')
     uri = corpus.uri('src/rfc3986.txt')
     old = sorted(r['chunk_id'] for r in _chunk_rows(corpus.local('out')) if r['uri'] == uri)
@@ -169,11 +178,11 @@ def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_
     corpus.put('rfc3986.txt')  # what the next listing sees
     with open(corpus.src / 'rfc3986.txt', 'a') as f:
         f.write('\nA third version, written while the second is read.\n')
-    proxy = FaultProxy(s3.port, faults=False)
+    proxy = FaultProxy(store.port, faults=False)
     proxy.hooks['src/rfc3986.txt'] = lambda: corpus.put('rfc3986.txt')
     try:
         ragbeam('run', '--input', corpus.uri('src/**'), '--output', corpus.uri('out'),
-                '--s3-endpoint-url', proxy.endpoint)
+                store.endpoint_args[0], proxy.endpoint)
     finally:
         proxy.stop()
     out = corpus.local('out')
@@ -190,24 +199,23 @@ def test_on_s3_an_object_that_changes_during_its_read_keeps_its_old_rows_and_is_
     check_output(corpus.local('out'), '--input', corpus.src)
 
 
-def test_on_s3_a_mix_of_changes_over_5000_keys_equals_a_fresh_run_however_listed(s3, tmp_path):
+def test_a_mix_of_changes_over_5000_keys_equals_a_fresh_run_however_listed(store, tmp_path):
     """5,000 keys in 50 prefixes: changes in one prefix and scattered, adds, deletes and a
-    removed prefix, listed in many key ranges (StartAfter) and in one, give a fresh run's
-    tables."""
+    removed prefix, listed in many key ranges (S3's StartAfter, GCS's start and end offsets)
+    and in one, give a fresh run's tables."""
     import uuid
 
     from bench.generate import pick, small_object_name, small_object_text
 
-    n, bucket = 5000, f'scale-{uuid.uuid4().hex[:8]}'
-    client = s3.client()
-    client.create_bucket(Bucket=bucket)
+    n, bucket = 5000, f'scale{uuid.uuid4().hex[:8]}'
+    store.create_bucket(bucket)
 
     def put(items):
-        s3.put_bodies(bucket, ((f'src/{name}', text.encode()) for name, text in items))
+        store.put_bodies(bucket, ((f'src/{name}', text.encode()) for name, text in items))
 
     put((small_object_name(i), small_object_text(i)) for i in range(n))
-    src, lean = f's3://{bucket}/src/', ('--s3-endpoint-url', s3.endpoint, '--index-type',
-                                        'none', '--lexical-index', 'none')
+    src = f'{store.scheme}://{bucket}/src/'
+    lean = (*store.endpoint_args, '--index-type', 'none', '--lexical-index', 'none')
     many, one, fresh = tmp_path / 'many', tmp_path / 'one', tmp_path / 'fresh'
     ragbeam('run', '--input', src, '--output', many, *lean)
     shutil.copytree(many, one)
@@ -216,8 +224,7 @@ def test_on_s3_a_mix_of_changes_over_5000_keys_equals_a_fresh_run_however_listed
     put((f'f{i:06d}/new.txt', small_object_text(n + i)) for i in range(0, 50, 5))
     gone = sorted({i for i in pick(n, 30, False, seed=3) if i not in edits}
                   | set(range(n - 100, n)))  # and the last prefix
-    client.delete_objects(Bucket=bucket, Delete={'Objects': [
-        {'Key': f'src/{small_object_name(i)}'} for i in gone]})
+    store.delete(bucket, (f'src/{small_object_name(i)}' for i in gone))
     ragbeam('run', '--input', src, '--output', many, *lean, '--list-ranges', '64')
     run = _report(many)['run']
     assert (run['objects_changed'], run['objects_new'], run['objects_deleted']) == (
@@ -227,3 +234,41 @@ def test_on_s3_a_mix_of_changes_over_5000_keys_equals_a_fresh_run_however_listed
     ragbeam('run', '--input', src, '--output', fresh, *lean)
     check_output(many, '--same-as', fresh)
     check_output(one, '--same-as', fresh)
+
+
+def test_two_concurrent_runs_into_the_bucket_end_as_one_serial_order(store, tmp_path):
+    """Two processes commit into one output in the bucket at once, the slower one held before
+    its commit: delta-rs's conditional put (S3's If-None-Match, GCS's
+    x-goog-if-generation-match: 0 on the log entry) lets one commit, the other commits nothing
+    and says so; run again, it converges to the serial state."""
+    corpus = BucketCorpus(store, tmp_path)
+    store.put(corpus.bucket, 'more/pep-0263.rst', (CORPUS / 'text' / 'pep-0263.rst').read_bytes())
+    first, second = corpus.uri('src/**'), corpus.uri('more/**')
+
+    def start(src, out, **env):
+        return subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', '--input', src,
+                                 '--output', corpus.uri(out), *store.endpoint_args,
+                                 '--embedder', 'hash', '--max-delete-fraction', '1'],
+                                cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, **env))
+
+    def run(src, out):
+        proc = start(src, out)
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+
+    run(first, 'out')
+    with open(corpus.src / 'rfc3986.txt', 'a') as f:
+        f.write('\nA paragraph added while another run ran.\n')
+    corpus.put('rfc3986.txt')
+    slow = start(second, 'out', RAGBEAM_TEST_DELAY_AT='before-chunks-commit:15')
+    fast = start(first, 'out')
+    assert fast.wait(timeout=600) == 0, fast.stderr.read()[-2000:]
+    assert slow.wait(timeout=600) == 2
+    assert 'another run committed' in slow.stderr.read()
+    out = corpus.local('out')
+    assert _version(out) == 1  # only the fast run's commit
+    assert {os.path.basename(r['uri']) for r in _chunk_rows(out)} == set(FILES[:4])
+    run(second, 'out')  # the loser, run again
+    run(first, 'both')
+    run(second, 'both')
+    check_output(corpus.local('out'), '--same-as', corpus.local('both'))
