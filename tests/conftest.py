@@ -225,6 +225,8 @@ def gcs():
     gs://corpus/text/; STORAGE_EMULATOR_HOST names it for the module's tests."""
     from tests.servers import FakeGCS
 
+    if not HAVE_SHARED:
+        pytest.skip(SHARED_MISSING)
     if not FAKE_GCS.is_file():
         pytest.fail(f'the GCS emulator {FAKE_GCS} is missing from the shared folder')
     server = FakeGCS(FAKE_GCS)
