@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from tests.conftest import ROOT, ragbeam
 
-IMAGE = 'europe-docker.pkg.dev/my-project/ragbeam/worker:0.1.0'  # docker/README.md's tag
+IMAGE = 'europe-docker.pkg.dev/my-project/ragbeam/worker:0.1.0'  # as README, "Dataflow", tags it
 
 
 def _committed(gcs, output: str, n: int) -> None:
