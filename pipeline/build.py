@@ -54,7 +54,7 @@ def settings(opts: RunOptions) -> dict:
     from transforms.pdf_engines import engine_fingerprint
 
     pdf = opts.pdf
-    ocr = pdf.ocr if pdf.ocr == 'none' else f'{pdf.ocr}-{pdf.ocr_dpi}-{pdf.ocr_lang}'
+    ocr = pdf.ocr if pdf.ocr != 'tesseract' else f'{pdf.ocr}-{pdf.ocr_dpi}-{pdf.ocr_lang}'
     return {'chunk': opts.chunker.tag(), 'embedder': EMBEDDERS[opts.embed.embedder].name,
             'dim': opts.embed.dim, 'pdf': engine_fingerprint(pdf.engine), 'ocr': ocr,
             'entities': opts.entities.entities}

@@ -171,6 +171,11 @@ class RunOptions:
             raise UsageError(str(e))
         if self.pdf.ocr == 'tesseract':
             _check_tesseract(self.pdf.ocr_lang)
+        if self.pdf.ocr == 'textract':
+            elsewhere = [i for i in self.inputs if not i.startswith('s3://')]
+            if elsewhere:
+                raise UsageError(f'--ocr textract reads scans where they lie, on S3: '
+                                 f'{elsewhere[0]} is not an s3:// input (use --ocr tesseract)')
 
     def summary(self) -> dict:
         """The options as written to report.json."""

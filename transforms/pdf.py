@@ -36,9 +36,11 @@ from transforms.readers import (ERRORS, HANDED_OFF, STATS, OffsetRangeSplits, Re
                                 count_dynamic_split, error_record, finish_restriction, is_blank,
                                 is_pdf_name, read_failure_reason)
 from transforms.store import StoreConfig, store_for
+from transforms.textract import EXTRACTOR as TEXTRACT_EXTRACTOR
+from transforms.textract import TextractOptions, TextractPages
 from transforms.types import Chunk, ErrorRecord, ObjectRef, ObjectStats, record, typed
 
-OCR_ENGINES = ('none', 'tesseract')
+OCR_ENGINES = ('none', 'tesseract', 'textract')
 RANGES = 'ranges'
 # A planned range holds this many restrictions of --pdf-pages-per-split pages. The worker that
 # gets it reads them one after the other with the document open; a range on another worker
@@ -76,11 +78,13 @@ class PdfOptions:
                 "ones are planned as page ranges for every worker"})
     ocr: str = field(default='none', metadata={
         'flag': '--ocr', 'choices': OCR_ENGINES,
-        'help': 'tesseract: OCR pages that have images but no text layer'})
+        'help': 'OCR the pages that have images but no text layer: tesseract here, or '
+                'textract: AWS Textract on the S3 object itself (s3:// inputs only)'})
     ocr_dpi: int = field(default=300, metadata={
         'flag': '--ocr-dpi', 'help': 'resolution a page is rendered at for OCR'})
     ocr_lang: str = field(default='eng', metadata={
         'flag': '--ocr-lang', 'help': "tesseract's languages, e.g. eng or eng+deu"})
+    textract: TextractOptions = field(default_factory=TextractOptions)
     limits: PdfLimits = field(default_factory=PdfLimits)
 
     def validate(self) -> None:
@@ -90,6 +94,7 @@ class PdfOptions:
             raise ValueError('--pdf-min-split-bytes must not be negative')
         if not 36 <= self.ocr_dpi <= 1200:
             raise ValueError('--ocr-dpi must be between 36 and 1200')
+        self.textract.validate()
         self.limits.validate()
 
 
@@ -183,6 +188,7 @@ class _PdfDoFn(beam.DoFn):
         self._pages = Metrics.counter('ragbeam', 'pdf_pages')
         self._restarts = Metrics.counter('ragbeam', 'pdf_engine_restarts')
         self._tesseract: Optional[str] = None
+        self._textract: Optional[TextractPages] = None
 
     def finish_bundle(self) -> None:
         _POOL.close()
@@ -211,22 +217,23 @@ class _PdfDoFn(beam.DoFn):
         self._read.sample(ref.uri)
         self._child.sample(ref.uri, rss=sandbox.child_rss_mb())
 
-    def _page_chunks(self, sandbox: PdfSandbox, ref: ObjectRef, index: int, extractor: str,
-                     stats: ObjectStats) -> Iterator:
+    def _page_chunks(self, sandbox: PdfSandbox, ref: ObjectRef, pages: int, index: int,
+                     extractor: str, stats: ObjectStats) -> Iterator:
         """The chunks of page `index` (0-based), or its error record."""
         page = index + 1
         try:
             with self._read.timed(ref.uri):  # the engine's extraction is the read's time
                 text, has_images = sandbox.page(index)
             if is_blank(text) and has_images:
-                if self._options.ocr != 'tesseract':
+                if self._options.ocr == 'none':
                     stats.ocr_needed += 1
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         uri=ref.uri, stage='ocr', error_type='ocr_needed', version=ref.version,
-                        page=page, message='the page has images but no text layer; run with --ocr tesseract'))
+                        page=page, message='the page has images but no text layer; run with '
+                                           '--ocr tesseract (or textract, on S3)'))
                     return
                 with self._read.timed(ref.uri):
-                    text, extractor = self._ocr(sandbox, index)
+                    text, extractor = self._ocr(sandbox, ref, pages, index)
         except (PdfError, OSError) as e:
             stats.errors += 1
             yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'extract', e, page=page))
@@ -243,9 +250,15 @@ class _PdfDoFn(beam.DoFn):
             yield Chunk(cid, id64, ref.uri, ref.version, 'pdf', page, start, end, piece,
                         extractor=extractor)
 
-    def _ocr(self, sandbox: PdfSandbox, index: int) -> tuple[str, str]:
-        """(text, extractor) of a scanned page: PDFium renders the page at --ocr-dpi and
-        tesseract reads it (with pypdf, the page's embedded images are read instead)."""
+    def _ocr(self, sandbox: PdfSandbox, ref: ObjectRef, pages: int,
+             index: int) -> tuple[str, str]:
+        """(text, extractor) of a scanned page: Textract's for the object, or PDFium renders
+        the page at --ocr-dpi and tesseract reads it (with pypdf, the page's embedded images
+        are read instead)."""
+        if self._options.ocr == 'textract':
+            if self._textract is None:
+                self._textract = TextractPages(self._options.textract, self._textract_client)
+            return self._textract.page(ref, pages, index), TEXTRACT_EXTRACTOR
         import pytesseract
         from PIL import Image
 
@@ -258,6 +271,14 @@ class _PdfDoFn(beam.DoFn):
         except (pytesseract.TesseractError, pytesseract.TesseractNotFoundError) as e:
             raise PdfError(type(e).__name__, str(e))
         return text, self._tesseract
+
+
+    def _textract_client(self):
+        import boto3
+
+        config = self._store_config
+        return boto3.client('textract', endpoint_url=self._options.textract.endpoint_url,
+                            region_name=config.s3_region or None)
 
 
 def open_failure_reason(e: Exception) -> str:
@@ -305,7 +326,7 @@ class OpenPdfs(_PdfDoFn):
             first = pages if ref.size < self._options.min_split_bytes else min(pages, split)
             stats = ObjectStats(kind='pdf', pages=pages, extractor=extractor)
             for index in range(first):
-                yield from self._page_chunks(sandbox, ref, index, extractor, stats)
+                yield from self._page_chunks(sandbox, ref, pages, index, extractor, stats)
             self._pages.inc(first)
             _log_work('open', ref, 0, first)
             span = split * SPAN_SPLITS
@@ -324,7 +345,7 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
 
     Chunk offsets are characters of the page's extracted text, pages are 1-based. A page that
     fails is an error record with its page number; the other pages are still ingested. An
-    image-only page is OCR'd with --ocr tesseract, else recorded as `ocr_needed`.
+    image-only page is OCR'd with --ocr tesseract or textract, else recorded as `ocr_needed`.
     """
 
     def __init__(self, settings: ChunkerSettings, options: PdfOptions, store_config: StoreConfig,
@@ -351,7 +372,7 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
         before = sandbox.bytes_read
         try:
             try:
-                _, extractor = self._open(sandbox, ref)
+                pages, extractor = self._open(sandbox, ref)
             except (PdfError, OSError) as e:
                 finish_restriction(tracker)
                 yield beam.pvalue.TaggedOutput(ERRORS, error_record(ref, 'open', e))
@@ -364,7 +385,7 @@ class ReadPdfChunks(_PdfDoFn, OffsetRangeSplits):
                     if not tracker.try_claim(index):
                         break
                     progress.update(index)
-                    yield from self._page_chunks(sandbox, ref, index, extractor, stats)
+                    yield from self._page_chunks(sandbox, ref, pages, index, extractor, stats)
                 self._pages.inc(tracker.current_restriction().stop - first)
                 count_dynamic_split(tracker, stop)
             stats.bytes_read = sandbox.bytes_read - before
