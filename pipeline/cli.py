@@ -17,14 +17,13 @@ heap.bound()
 import argparse
 import json
 import logging
-import time
 import sys
 from typing import Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import (JobFailed, RunOptions, UsageError, add_flags, from_args,
-                              store_beam_args)
+                              quiet_beam_logs, store_beam_args)
 from transforms import outputs
 from transforms.index import IndexOptions, MissingChunksError
 from transforms.listing import NoMatchError
@@ -245,12 +244,9 @@ def _history(args) -> int:
     commits = Corpus(args.output, config.delta_storage_options(args.output)).history()
     if not commits:
         raise UsageError(f'no committed corpus in {args.output} (run `ragbeam run` first)')
-    rows = []
-    for c in commits:
-        summary = json.loads(c.get('ragbeam_summary') or '{}')
-        rows.append({'version': c['version'], 'time': time.strftime(
-            '%Y-%m-%dT%H:%M:%SZ', time.gmtime(c['timestamp'] / 1000)), 'run': c.get('ragbeam_run'),
-            'fingerprint': c.get('ragbeam_fingerprint'), **summary})
+    from pipeline.report import history_rows
+
+    rows = history_rows(commits)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -268,10 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     for ours in ('ragbeam', 'pipeline', 'transforms'):
         logging.getLogger(ours).setLevel(logging.INFO)
-    # "No shards found to finalize": Beam's way of saying there were no error records
-    logging.getLogger('apache_beam.io.filebasedsink').setLevel(logging.ERROR)
-    # "Really destroying service ...": Beam stopping the engine process it started
-    logging.getLogger('apache_beam.utils.subprocess_server').setLevel(logging.ERROR)
+    quiet_beam_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     code = _main(argv)
     if 'deltalake' in sys.modules:

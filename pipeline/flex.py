@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Sequence
 
-from pipeline.options import RunOptions, default_text, flag_fields
+from pipeline.options import RunOptions, default_text, flags_by_name
 
 # the two flags of `ragbeam run` that are not fields of RunOptions
 _IO = {'input': ('--input', 'Objects to ingest: a gs://, s3:// or local pattern (`**` '
@@ -24,10 +24,8 @@ _IO = {'input': ('--input', 'Objects to ingest: a gs://, s3:// or local pattern 
 def _parameters() -> dict[str, tuple[str, str, bool]]:
     """name -> (flag, help, takes no value) for every parameter."""
     found = {name: (flag, text, False) for name, (flag, text) in _IO.items()}
-    for _, f, hint in flag_fields(RunOptions):
-        flag = f.metadata['flag']
-        found[flag.lstrip('-').replace('-', '_')] = (
-            flag, f"{f.metadata['help']} (default: {default_text(f)})", hint is bool)
+    for name, (flag, f, hint) in flags_by_name(RunOptions).items():
+        found[name] = (flag, f"{f.metadata['help']} (default: {default_text(f)})", hint is bool)
     return found
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 import shutil
 import typing
@@ -81,6 +82,13 @@ def flag_fields(cls, prefix: str = '') -> Iterator[tuple[str, dataclasses.Field,
             yield from flag_fields(hint, f'{prefix}{f.name}.')
         elif 'flag' in f.metadata:
             yield f'{prefix}{f.name}', f, hint
+
+
+def flags_by_name(cls) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Each flag of `cls` by the Python name of its option (`chunk_size` for --chunk-size):
+    (flag, field, type). Keyword arguments and template parameters use these names."""
+    return {f.metadata['flag'][2:].replace('-', '_'): (f.metadata['flag'], f, hint)
+            for _, f, hint in flag_fields(cls)}
 
 
 def field_default(f: dataclasses.Field):
@@ -206,6 +214,14 @@ def _bare_dry_run(args: list[str]) -> list[str]:
     """Beam's --dry_run takes a value; a bare --dry_run means --dry_run=True."""
     return ['--dry_run=True' if a == '--dry_run' and (i + 1 == len(args) or args[i + 1].startswith('-'))
             else a for i, a in enumerate(args)]
+
+
+def quiet_beam_logs() -> None:
+    """Beam's log lines that say nothing wrong, kept out of a run's output."""
+    # "No shards found to finalize": Beam's way of saying there were no error records
+    logging.getLogger('apache_beam.io.filebasedsink').setLevel(logging.ERROR)
+    # "Really destroying service ...": Beam stopping the engine process it started
+    logging.getLogger('apache_beam.utils.subprocess_server').setLevel(logging.ERROR)
 
 
 def store_beam_args(config: StoreConfig, args: list[str]) -> list[str]:

@@ -1,6 +1,8 @@
 """report.json: what a run listed, read, produced and skipped, from its manifest."""
 from __future__ import annotations
 
+import json
+import time
 from collections import Counter
 from typing import Optional
 
@@ -185,3 +187,15 @@ def draw(report: dict, path: str) -> None:
     fig.legend(loc='lower right')
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def history_rows(commits: list[dict]) -> list[dict]:
+    """One row per commit of the chunk table, newest first: version, time (UTC), run,
+    settings fingerprint and the run's counts (`ragbeam history`)."""
+    rows = []
+    for c in commits:
+        summary = json.loads(c.get('ragbeam_summary') or '{}')
+        rows.append({'version': c['version'], 'time': time.strftime(
+            '%Y-%m-%dT%H:%M:%SZ', time.gmtime(c['timestamp'] / 1000)), 'run': c.get('ragbeam_run'),
+            'fingerprint': c.get('ragbeam_fingerprint'), **summary})
+    return rows

@@ -1,6 +1,7 @@
 """Searching an index and reading back the rows of the hits."""
 from __future__ import annotations
 
+import functools
 import os
 
 import faiss
@@ -178,6 +179,11 @@ class Retriever:
         self.chunks = outputs.ParquetFolder(outputs.path(output, 'chunks'), config,
                                             self.meta.get('table_version'))
 
+    @functools.cached_property
+    def has_entities(self) -> bool:
+        schema = self.chunks.schema()
+        return schema is not None and 'entities' in schema.names
+
     def _searcher(self, name: str):
         if name not in self._searchers:
             from transforms.index.lexical import LexicalSearcher
@@ -201,9 +207,11 @@ class Retriever:
 
     def search(self, k: int, vector: np.ndarray | None = None, text: str | None = None,
                mode: str | None = None, uri_prefix: str = '',
-               entity: tuple[str, str] | None = None, fusion: str = 'convex') -> list[dict]:
+               entity: tuple[str, str] | None = None, fusion: str = 'convex',
+               with_entities: bool = False) -> list[dict]:
         """The k best chunks ({score, chunk_id, uri, page, start, end, text, and each list's
-        rank and score}): by `vector` (dense), by `text` (lexical, BM25), or both fused
+        rank and score; with `with_entities`, the chunk's entities where the table has
+        them}): by `vector` (dense), by `text` (lexical, BM25), or both fused
         (hybrid, `fuse`: the default when `text` is given and the index has a lexical
         side). Only chunks of objects whose URI starts with `uri_prefix` and, with `entity`
         (label, text), only chunks that mention it.
@@ -212,9 +220,11 @@ class Retriever:
         k match or MAX_CANDIDATES were looked at.
         """
         mode = query_mode(self.meta, 'dense' if text is None and mode is None else mode)
-        columns = RESULT_COLUMNS + (['entities'] if entity else [])
-        if entity and 'entities' not in self.chunks.schema().names:
+        has_entities = self.has_entities
+        if entity and not has_entities:
             raise ValueError(f'{self.output} has no entities (run with --entities spacy)')
+        keep = with_entities and has_entities
+        columns = RESULT_COLUMNS + (['entities'] if entity or keep else [])
         count = max(1, self.meta['count'])
         filtered = bool(uri_prefix or entity)
         wanted = max(k, FUSED_DEPTH if mode == 'hybrid' else k) * (10 if filtered else 1)
@@ -236,7 +246,7 @@ class Retriever:
         if not filtered:
             by_id = self._rows({i for _, i, _ in results}, columns)
         return [dict(score=round(score, 6), **{c: v for c, v in by_id[i].items()
-                                               if c != 'entities'}, **ranks)
+                                               if c != 'entities' or keep}, **ranks)
                 for score, i, ranks in results if i in by_id]
 
     def _rows(self, ids: set[int], columns: list[str]) -> dict[int, dict]:

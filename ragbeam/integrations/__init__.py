@@ -1,0 +1,1 @@
+"""Retrievers for LangChain (`ragbeam[langchain]`) and LlamaIndex (`ragbeam[llamaindex]`)."""
