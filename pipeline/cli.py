@@ -93,6 +93,19 @@ def parser() -> argparse.ArgumentParser:
     compact.add_argument('--output', required=True, metavar='DIR')
     add_flags(compact, StoreConfig)
 
+    evaluate = sub.add_parser('eval', help="recall@k of DIR's index on a file of questions, "
+                                           'per mode and kind')
+    evaluate.add_argument('--output', required=True, metavar='DIR')
+    evaluate.add_argument('--questions', required=True, metavar='FILE',
+                          help='tab-separated: id, file, question, answer_start, answer_end, '
+                               'answer_text, kind (as ../shared/corpus/questions.tsv)')
+    evaluate.add_argument('-k', type=int, default=10, help='hits looked at per question')
+    evaluate.add_argument('--mode', action='append', choices=('hybrid', 'dense', 'lexical'),
+                          help='repeatable (default: every mode the index has)')
+    evaluate.add_argument('--json', action='store_true',
+                          help='print the recall and each question\'s rank as JSON')
+    add_flags(evaluate, StoreConfig)
+
     history = sub.add_parser('history', help="list the corpus's commits in DIR")
     history.add_argument('--output', required=True, metavar='DIR')
     history.add_argument('--json', action='store_true', help='a JSON array instead of text')
@@ -237,6 +250,26 @@ def _report(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from ragbeam import Corpus
+    from ragbeam.evaluate import evaluate, read_questions, table
+    from transforms.index import NoIndexError
+
+    config = _store(args)
+    try:
+        questions = read_questions(args.questions)
+        corpus = Corpus(args.output, config=config)
+    except (OSError, NoIndexError) as e:
+        raise UsageError(str(e))
+    modes = args.mode or (('hybrid', 'dense', 'lexical') if corpus.has_lexical else ('dense',))
+    try:
+        result = evaluate(corpus, questions, args.k, modes)
+    except ValueError as e:  # a lexical mode on an index without its lexical side
+        raise UsageError(str(e))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
 def _history(args) -> int:
     from transforms.corpus import Corpus
 
@@ -284,12 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: list[str]) -> int:
     try:
         args, rest = parser().parse_known_args(argv)
-        if args.command in ('query', 'report', 'history') and rest:
+        if args.command in ('query', 'report', 'history', 'eval') and rest:
             raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
         return {'run': lambda: _run(args, rest), 'index': lambda: _index(args, rest),
                 'compact': lambda: _compact(args, rest),
                 'query': lambda: _query(args), 'report': lambda: _report(args),
-                'history': lambda: _history(args)}[args.command]()
+                'history': lambda: _history(args), 'eval': lambda: _eval(args)}[args.command]()
     except (UsageError, NoMatchError, OutputError, MissingChunksError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)
         return 2

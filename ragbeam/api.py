@@ -130,6 +130,11 @@ class Corpus:
         self._current = _Version(output, config, as_of)
 
     @property
+    def has_lexical(self) -> bool:
+        """Whether the index has its lexical (BM25) side: hybrid and lexical searches."""
+        return self._current.has_lexical
+
+    @property
     def version(self) -> Optional[int]:
         """The table version that searches answer from."""
         return self._current.table_version

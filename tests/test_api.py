@@ -138,3 +138,33 @@ def test_the_llama_index_retriever_finds_known_items_with_their_metadata(corpus,
         assert top.node.node_id == chunk_id == top.node.metadata['chunk_id']
         assert top.score == top.node.metadata['score'] >= nodes[1].score
         assert top.node.metadata['lexical_rank'] == 1 and top.node.metadata['dense_rank'] is None
+
+
+def test_eval_prints_recall_per_mode_and_kind_and_its_json_is_a_recount_of_the_hits(corpus,
+                                                                                   text_run):
+    import csv
+
+    questions_file = CORPUS / 'questions.tsv'
+    proc = ragbeam_command('eval', '--output', text_run, '--questions', questions_file, '--json')
+    found = json.loads(proc.stdout)
+    with open(questions_file, newline='', encoding='utf-8') as f:
+        questions = list(csv.DictReader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+    assert found['questions'] == len(questions) == 60
+    assert found['kinds'] == {'keyword': 20, 'paraphrase': 40}
+    for mode in ('hybrid', 'dense', 'lexical'):
+        answered = {}
+        for q in questions:  # the rule of the corpus's README: same file, bytes overlap
+            hits = corpus.search(q['question'], k=10, mode=mode)
+            answered[q['id']] = any(
+                h.uri == str(CORPUS / q['file']) and h.start < int(q['answer_end'])
+                and int(q['answer_start']) < h.end for h in hits)
+        assert {i for i, rank in found['ranks'][mode].items() if rank} == {
+            i for i, ok in answered.items() if ok}
+        for kind in ('keyword', 'paraphrase'):
+            of_kind = [q['id'] for q in questions if q['kind'] == kind]
+            assert found['recall'][mode][kind] == round(
+                sum(answered[i] for i in of_kind) / len(of_kind), 4)
+    assert 0 < found['recall']['lexical']['all'] <= 1  # not vacuous: BM25 answers some
+    table = ragbeam_command('eval', '--output', text_run, '--questions', questions_file).stdout
+    assert table.splitlines()[0].split()[:3] == ['recall@10', 'keyword', '(20)']
+    assert [line.split()[0] for line in table.splitlines()[1:]] == ['hybrid', 'dense', 'lexical']
