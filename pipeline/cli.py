@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import (JobFailed, RunOptions, UsageError, add_flags, from_args,
-                              quiet_beam_logs, store_beam_args)
+                              quiet_beam_logs, size_arg, store_beam_args)
 from transforms import outputs
 from transforms.index import IndexOptions, MissingChunksError
 from transforms.listing import NoMatchError
@@ -105,6 +105,24 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--json', action='store_true',
                           help='print the recall and each question\'s rank as JSON')
     add_flags(evaluate, StoreConfig)
+
+    serve = sub.add_parser('serve', help="serve DIR over HTTP: a search API and page, and "
+                                         'with --uploads, documents posted and indexed (any '
+                                         'other flag is a run flag for the uploads\' runs)')
+    serve.add_argument('--output', required=True, metavar='DIR')
+    serve.add_argument('--host', default='127.0.0.1',
+                       help='address to bind (default: 127.0.0.1); another than loopback '
+                            'needs --token-file')
+    serve.add_argument('--port', type=int, default=8080, help='(default: 8080)')
+    serve.add_argument('--token-file', metavar='FILE',
+                       help='a file holding the bearer token that uploads must send')
+    serve.add_argument('--uploads', metavar='LOCATION',
+                       help='accept documents (POST /api/documents) into this folder, s3:// '
+                            'or gs:// location, and index them into DIR')
+    serve.add_argument('--max-upload-bytes', type=size_arg, default=50 * 2**20, metavar='BYTES',
+                       help='a larger upload is refused with 413 while it streams '
+                            '(default: 50 MiB)')
+    add_flags(serve, StoreConfig)
 
     history = sub.add_parser('history', help="list the corpus's commits in DIR")
     history.add_argument('--output', required=True, metavar='DIR')
@@ -270,6 +288,60 @@ def _eval(args) -> int:
     return 0
 
 
+def _serve(args, run_args: list[str]) -> int:
+    from ragbeam.serve import is_loopback, read_token, serve
+    from transforms.index import NoIndexError
+
+    config = _store(args)
+    if not is_loopback(args.host) and not args.token_file:
+        raise UsageError(f'--host {args.host} serves beyond this machine: give --token-file '
+                         'with the bearer token that uploads must send')
+    try:
+        token = read_token(args.token_file) if args.token_file else None
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e))
+    run_args = [*run_args, *store_args(args)]
+    if args.uploads:
+        _check_upload_settings(run_options(['--input', args.uploads, '--output', args.output,
+                                            *run_args]), config)
+    print(f'ragbeam: serving {args.output} on http://{args.host}:{args.port}/'
+          + (f', uploads into {args.uploads}' if args.uploads else ''), flush=True)
+    try:
+        serve(args.output, args.host, args.port, token, args.uploads, args.max_upload_bytes,
+              run_args, config)
+    except NoIndexError as e:
+        raise UsageError(str(e))
+    return 0
+
+
+def _check_upload_settings(opts: RunOptions, config: StoreConfig) -> None:
+    """The uploads' runs must make chunks as the corpus's were made: one corpus never mixes
+    settings (a run with others would redo only the uploads)."""
+    from pipeline.build import settings
+    from transforms.corpus import Corpus, fingerprint
+
+    opts.validate()
+    commits = Corpus(opts.output, config.delta_storage_options(opts.output)).history(1)
+    made = commits[0].get('ragbeam_fingerprint') if commits else None
+    if made and made != fingerprint(settings(opts)):
+        raise UsageError(f'{opts.output} was made with other run settings than the uploads\' '
+                         'runs would use (chunker, embedder, PDF engine, OCR or entities): give '
+                         'serve the run flags it was made with (its report.json, "options")')
+
+
+def store_args(args) -> list[str]:
+    """The store flags given to a command, as flags again (for the runs it starts)."""
+    from pipeline.options import flag_fields
+
+    found = []
+    for dest, f, hint in flag_fields(StoreConfig):
+        value = getattr(args, dest, None)
+        if value is None or value is False or value == f.default:
+            continue
+        found += [f.metadata['flag']] if value is True else [f.metadata['flag'], str(value)]
+    return found
+
+
 def _history(args) -> int:
     from transforms.corpus import Corpus
 
@@ -322,7 +394,8 @@ def _main(argv: list[str]) -> int:
         return {'run': lambda: _run(args, rest), 'index': lambda: _index(args, rest),
                 'compact': lambda: _compact(args, rest),
                 'query': lambda: _query(args), 'report': lambda: _report(args),
-                'history': lambda: _history(args), 'eval': lambda: _eval(args)}[args.command]()
+                'history': lambda: _history(args), 'eval': lambda: _eval(args),
+                'serve': lambda: _serve(args, rest)}[args.command]()
     except (UsageError, NoMatchError, OutputError, MissingChunksError) as e:
         print(f'ragbeam: error: {e}', file=sys.stderr)
         return 2

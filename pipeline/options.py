@@ -62,7 +62,7 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def _size(text: str) -> int:
+def size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as e:
@@ -120,7 +120,7 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         if base is bool:
             kwargs['action'] = 'store_true'
         else:
-            kwargs['type'] = _size if m.get('size') else base
+            kwargs['type'] = size_arg if m.get('size') else base
             kwargs['metavar'] = m.get('metavar') or ('BYTES' if m.get('size') else
                                                      _METAVARS.get(base, 'VALUE'))
             if 'choices' in m:
