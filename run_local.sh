@@ -8,15 +8,17 @@ VENV="${RAGBEAM_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
 system_packages() {
-    # OCR (--ocr tesseract, English and German) and JBIG2 images need programs pip cannot install.
-    local packages="tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu jbig2dec"
+    # OCR (--ocr tesseract, English and German) and JBIG2 images need programs pip cannot
+    # install; the tests of the search page drive a headless Chromium.
+    local packages="tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu jbig2dec chromium chromium-driver"
     command -v tesseract >/dev/null && command -v jbig2dec >/dev/null &&
+        command -v chromium >/dev/null && command -v chromedriver >/dev/null &&
         tesseract --list-langs 2>/dev/null | grep -qx deu && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "run_local: installing $packages with apt-get"
         (apt-get install -y -q $packages >/dev/null 2>&1 ||
          { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $packages >/dev/null 2>&1; }) ||
-            echo "run_local: could not install tesseract-ocr; OCR stays unavailable" >&2
+            echo "run_local: could not install $packages; OCR and the browser tests stay unavailable" >&2
     else
         echo "run_local: for OCR, install $packages (e.g. sudo apt-get install $packages)" >&2
     fi
