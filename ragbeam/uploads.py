@@ -180,5 +180,9 @@ class Indexer:
         run.message = summary[-1] if summary else proc.stdout.strip()[-500:]
         found = re.search(r'table version (\d+)', run.message)
         run.version = int(found.group(1)) if found else None
-        self._on_commit()
+        try:
+            self._on_commit()
+        except (OSError, ValueError) as e:  # the new version's index cannot be loaded
+            run.state, run.message = 'failed', f'committed, but not served: {e}'
+            return
         run.state = 'committed'

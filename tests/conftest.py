@@ -45,7 +45,9 @@ UNIT_SECONDS = {'engines': 990, 'test_backfill.py': 400, 'test_pdf.py': 185, 'te
                 'test_backfill_buckets.py': 450, 'test_stores.py': 110, 'test_memory.py': 110,
                 'test_cli.py': 90, 'test_minilm.py': 130, 'test_hybrid.py': 75,
                 'test_pipeline_text.py': 70, 'test_entities.py': 70, 'test_monitor.py': 60,
-                'test_chunk.py': 60, 'test_scale.py': 130}
+                'test_chunk.py': 60, 'test_scale.py': 130, 'test_api.py': 60,
+                'test_serve.py': 60, 'test_browser.py': 40, 'test_dataflow.py': 20,
+                'test_textract.py': 20}
 
 
 def _unit(path: str) -> str:
