@@ -17,7 +17,8 @@ class Hit:
     `start` and `end` are byte offsets in a text object, or character offsets in the page's
     text for a PDF (`page` is 1-based, None for text). In a hybrid search `dense_rank` and
     `lexical_rank` are the chunk's rank in each list (None where it was not drawn);
-    `entities` are the chunk's named entities where the corpus has them.
+    `entities` are the chunk's named entities as (label, text) pairs where the corpus has
+    them (--entities spacy), else None.
     """
     chunk_id: str
     uri: str
