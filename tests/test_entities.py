@@ -64,3 +64,7 @@ def test_a_known_sentence_gives_its_entities(tmp_path):
     assert [h['chunk_id'] for h in hits] == [row['chunk_id']]
     assert json.loads(ragbeam('query', '--output', out, '--json', '--entity', 'PERSON:Turing',
                               'who met in London').stdout) == []
+    import ragbeam as api  # the Python API gives the hit's entities too
+
+    hit, = api.open(str(out)).search('who met in London', entity='GPE:London')
+    assert hit.chunk_id == row['chunk_id'] and set(hit.entities) == got
