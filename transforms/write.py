@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -27,6 +27,10 @@ ROW_GROUP_ROWS = 4096
 ROW_GROUP_BYTES = 16 << 20
 FILE_ROWS = 2 * ROW_GROUP_ROWS  # a chunk file's rows at most: what a change may rewrite
 FILE_BYTES = 64 << 20
+# Rows per Parquet row group in a chunk file: a search reads back each hit's row by decoding
+# the whole row group that holds it (transforms.index.search), so small groups keep that
+# cheap; the batches that reach the writer are still ROW_GROUP_ROWS
+LOOKUP_GROUP_ROWS = 512
 
 
 def chunk_table(chunks: Sequence[Chunk], schema: pa.Schema) -> pa.Table:
@@ -81,17 +85,18 @@ class WriteChunks(beam.PTransform):
                 | 'RowGroups' >> beam.ParDo(BatchBounded(ROW_GROUP_ROWS, ROW_GROUP_BYTES,
                                                          weight=_chunk_bytes))
                 | 'ToArrow' >> beam.ParDo(_ToArrow(schema, self._monitor))
-                | 'Write' >> beam.ParDo(ParquetFileWriter(self._prefix, schema)).with_output_types(
-                    str))
+                | 'Write' >> beam.ParDo(ParquetFileWriter(
+                    self._prefix, schema, LOOKUP_GROUP_ROWS)).with_output_types(str))
 
 
 class ParquetFileWriter(beam.DoFn):
     """Arrow tables -> Parquet files; a file's path is output when it is closed: when it is
     full, when the URIs go back down, and at the end of the bundle."""
 
-    def __init__(self, prefix: str, schema: pa.Schema):
+    def __init__(self, prefix: str, schema: pa.Schema, group_rows: Optional[int] = None):
         self._prefix = prefix
         self._schema = schema
+        self._group_rows = group_rows  # None: a row group per table written
         self._path = self._file = self._writer = None
         self._rows = self._bytes = 0
         self._last_uri = ''
@@ -116,7 +121,7 @@ class ParquetFileWriter(beam.DoFn):
                 self._writer = pq.ParquetWriter(self._file, self._schema, compression='zstd',
                                                 use_compliant_nested_type=False)
                 self._rows = self._bytes = 0
-            self._writer.write_table(run)
+            self._writer.write_table(run, row_group_size=self._group_rows)
             self._rows += run.num_rows
             self._bytes += run.nbytes
             self._last_uri = run.column('uri')[-1].as_py()

@@ -20,6 +20,7 @@ from transforms.corpus.files import (TableFile, add_action, bounds_of, footer_bo
                                      open_parquet, remove_action, table_files, table_relpath,
                                      uris, without, write_table)
 from transforms.types import MANIFEST_SCHEMA
+from transforms.write import LOOKUP_GROUP_ROWS
 
 MANIFEST_FILE_ROWS = 32768  # a manifest file's rows: a change rewrites at most about this many
 
@@ -205,4 +206,4 @@ def _write_like_the_sink(table: pa.Table, out_path: str) -> None:
     with FileSystems.create(out_path) as sink:
         with pq.ParquetWriter(sink, table.schema, compression='zstd',
                               use_compliant_nested_type=False) as writer:
-            writer.write_table(table, row_group_size=4096)
+            writer.write_table(table, row_group_size=LOOKUP_GROUP_ROWS)
