@@ -19,7 +19,7 @@ XSS = ('A canary paragraph about quince marmalade. '
 
 
 @pytest.fixture(scope='module')
-def browser():
+def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
@@ -29,8 +29,12 @@ def browser():
         pytest.fail('needs chromium and chromium-driver (./run_local.sh test installs them)')
     options = webdriver.ChromeOptions()
     options.binary_location = binary
+    # no network beyond 127.0.0.1 here: Chromium's background connections (updates, sync,
+    # QUIC) are turned off rather than refused at every start
     for flag in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage',
-                 '--window-size=1200,900', '--disable-gpu'):
+                 '--window-size=1200,900', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     try:
         chrome = webdriver.Chrome(service=Service(driver), options=options)
