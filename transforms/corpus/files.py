@@ -58,14 +58,14 @@ def table_files(table) -> list[TableFile]:
         path = normal_uri(f'{root}/{row["path"]}')
         first, last = (row['min.uri'], row['max.uri']) if has_bounds else (None, None)
         if first is None or last is None:
-            first, last = footer_bounds(path)
+            first, last = footer_bounds(open_parquet(path).metadata)
         found.append(TableFile(path, row['num_records'] or 0, row['size_bytes'], first, last))
     return sorted(found, key=lambda f: (f.first is not None, f.first or '', f.path))
 
 
-def footer_bounds(path: str) -> tuple[Optional[str], Optional[str]]:
-    """The URI range of a Parquet file from its row groups' statistics (None when absent)."""
-    meta = open_parquet(path).metadata
+def footer_bounds(meta: pq.FileMetaData) -> tuple[Optional[str], Optional[str]]:
+    """The URI range of a Parquet file from its footer: its row groups' statistics (None
+    when absent)."""
     if meta.num_rows == 0:
         return None, None
     at = meta.schema.to_arrow_schema().get_field_index('uri')

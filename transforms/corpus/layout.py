@@ -66,7 +66,7 @@ def remove_objects(table_path: str, storage_options: Optional[dict], folder: str
         count = without(f.path, value_set, out)
         removal.rows += len(found) - count
         if count:
-            action = add_action(table_path, out, count, footer_bounds(out))
+            action = add_action(table_path, out, count, footer_bounds(open_parquet(out).metadata))
             removal.adds.append(action)
             removal.bytes_written += action.size
             removal.copies[table_relpath(table_path, out)] = table_relpath(table_path, f.path)

@@ -273,8 +273,8 @@ class Corpus:
             FileSystems.delete(retried)
         adds, rows, size = [], 0, 0
         for n, path in enumerate(sorted(run.written)):
-            count = open_parquet(path).metadata.num_rows
-            if not count:  # a reader that had nothing to write leaves an empty file
+            meta = open_parquet(path).metadata
+            if not meta.num_rows:  # a reader that had nothing to write leaves an empty file
                 continue
             if len(failed) and pc.any(pc.is_in(uris(path), value_set=failed)).as_py():
                 kept = outputs.path(folder, f'kept-{n:05d}.parquet')
@@ -282,9 +282,10 @@ class Corpus:
                 FileSystems.delete([path])
                 if not count:
                     continue
-                path = kept
-            # the URI range from the footer's statistics: no column is read
-            action = add_action(self.chunks_path, path, count, footer_bounds(path))
+                path, meta = kept, open_parquet(kept).metadata
+            # the rows and the URI range from the footer: no column is read
+            count = meta.num_rows
+            action = add_action(self.chunks_path, path, count, footer_bounds(meta))
             adds.append(action)
             rows += count
             size += action.size

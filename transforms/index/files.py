@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 import faiss
 import numpy as np
@@ -71,14 +71,16 @@ def writable(file_path: str) -> Iterator[str]:
             shutil.copyfileobj(src, dst, 8 << 20)
 
 
-def local_copy(file_path: str, folder: str) -> str:
-    """`file_path` itself when local, else a copy of it in `folder`."""
+def local_copy(file_path: str, folder: str, size: Optional[int] = None) -> str:
+    """`file_path` itself when local, else a copy of it in `folder`; `size`, where the
+    caller listed it, saves listing it again."""
     if outputs.is_local(file_path):
         return file_path
     local = os.path.join(folder, os.path.basename(file_path))
     # exactly the listed size, never a read at the end: that asks GCS's API for an empty
     # range, which the emulator answers with a 416 whose body is cut (a short file still fails)
-    left = FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
+    left = size if size is not None else (
+        FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes)
     with FileSystems.open(file_path, compression_type='uncompressed') as src, \
             open(local, 'wb') as dst:
         while left:
@@ -178,7 +180,7 @@ def cached_copy(index_dir: str) -> str:
     os.makedirs(root, exist_ok=True)
     fresh = tempfile.mkdtemp(prefix='fetching-', dir=root)
     for m in files:
-        local_copy(m.path, fresh)
+        local_copy(m.path, fresh, m.size_in_bytes)
     with open(os.path.join(fresh, '.stamp'), 'w') as f:
         f.write(stamp)
     shutil.rmtree(folder, ignore_errors=True)
