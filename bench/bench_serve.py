@@ -38,10 +38,8 @@ import argparse
 import gc
 import http.client
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -293,49 +291,6 @@ def measure(size: int, chunks: int, transport: str, mode: str, clients: int,
     return row
 
 
-class Server:
-    """`python -m ragbeam serve` on a free port of 127.0.0.1 (as tests/test_serve.py starts
-    it), its output in a log file."""
-
-    def __init__(self, out: Path, log: Path):
-        from tests.servers import free_port
-
-        self.port = free_port()
-        self.log = open(log, 'w')
-        started = time.time()
-        self.proc = subprocess.Popen([sys.executable, '-m', 'ragbeam', 'serve', '--output',
-                                      str(out), '--host', '127.0.0.1', '--port', str(self.port)],
-                                     cwd=str(REPO), stdout=self.log, stderr=subprocess.STDOUT)
-        self.process = psutil.Process(self.proc.pid)
-        deadline = time.time() + 300
-        while True:
-            try:
-                conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
-                conn.request('GET', '/api/status')
-                self.status = json.loads(conn.getresponse().read())
-                conn.close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f'the server did not start: {log.read_text()[-2000:]}')
-                time.sleep(0.3)
-        self.start_seconds = time.time() - started
-
-    def rss_mb(self) -> float:
-        return sum(p.memory_info().rss for p in [self.process] +
-                   self.process.children(recursive=True)) / 2**20
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 def serve_size(size: int, out: Path, chunks: int, args, warmup: list[str],
                queries: list[str]) -> tuple[list[Serve], dict]:
     import ragbeam
@@ -346,7 +301,9 @@ def serve_size(size: int, out: Path, chunks: int, args, warmup: list[str],
     warm_cache(*files)
     print(f'{size}: read {len(files)} files of the corpus into the page cache in '
           f'{time.time() - started:.0f} s', flush=True)
-    server = Server(out, out.parent / 'serve.log')
+    from tests.servers import RagbeamServer
+
+    server = RagbeamServer('--output', out, '--host', '127.0.0.1', log=out.parent / 'serve.log')
     info = {'start_seconds': round(server.start_seconds, 1),
             'idle_rss_mb': round(server.rss_mb(), 1), 'status_chunks': server.status.get('chunks'),
             'lexical': server.status.get('lexical')}

@@ -36,9 +36,8 @@ class Hit:
         entities = row.get('entities')
         return cls(row['chunk_id'], row['uri'], row['page'], row['start'], row['end'],
                    row['text'], row['score'], row.get('dense_rank'), row.get('lexical_rank'),
-                   None if entities is None else tuple(
-                       (e['label'], e['text']) if isinstance(e, dict) else tuple(e)
-                       for e in entities))
+                   None if entities is None else tuple((e['label'], e['text'])
+                                                       for e in entities))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Local object-store servers for tests: moto's S3, a fault-injecting proxy, a GCS emulator.
+"""Local servers for tests: moto's S3, a fault-injecting proxy, a GCS emulator, and
+`ragbeam serve` itself.
 
 MotoS3 and FakeGCS answer the same calls (create_bucket, put, put_bodies, delete,
 upload_tree, download_tree, endpoint_args), so that a test can run on either.
@@ -10,15 +11,20 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import json
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 from urllib.parse import unquote
 
+ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
           'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true'}
 
@@ -256,3 +262,50 @@ class FakeGCS:
         self._proc.kill()
         self._proc.wait()
         os.environ.pop('STORAGE_EMULATOR_HOST', None)
+
+
+class RagbeamServer:
+    """`python -m ragbeam serve ARGS` on a free port of 127.0.0.1, up once GET /api/status
+    answers (its first answer in `status`); its output goes to `log`, or a temporary file."""
+
+    def __init__(self, *args, log: Optional[Path] = None, timeout: float = 300):
+        import psutil
+
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self._log = open(log, 'w+') if log else tempfile.TemporaryFile('w+')
+        started = time.time()
+        self.proc = subprocess.Popen([sys.executable, '-m', 'ragbeam', 'serve', '--port',
+                                      str(self.port), *map(str, args)], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = psutil.Process(self.proc.pid)
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + '/api/status', timeout=60) as response:
+                    self.status = json.loads(response.read())
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > started + timeout:
+                    output = self.output()
+                    self.stop()
+                    raise RuntimeError(f'the server did not start: {output[-2000:]}')
+                time.sleep(0.3)
+        self.start_seconds = time.time() - started
+
+    def output(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
+    def rss_mb(self) -> float:
+        """The server process's RSS (the runs it starts for uploads are apart)."""
+        return self.process.memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

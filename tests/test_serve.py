@@ -12,35 +12,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import psutil
 import pytest
 
 from tests.conftest import CORPUS, ROOT, ragbeam
-from tests.servers import free_port
+from tests.servers import RagbeamServer
 
 TOKEN = 'a-test-token-of-some-length'
 FILES = ['rfc3986.txt', 'pep-0008.rst']
 
 
-class Server:
-    """`python -m ragbeam serve` in a subprocess; stopped by `stop`."""
-
-    def __init__(self, *args: str):
-        self.port = free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.proc = subprocess.Popen([sys.executable, '-m', 'ragbeam', 'serve', '--port',
-                                      str(self.port), *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                self.get('/api/status')
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f'the server did not start: {self.proc.stderr.read()}')
-                time.sleep(0.3)
+class Server(RagbeamServer):
+    """The server, and the requests the tests make of it."""
 
     def request(self, path: str, data=None, headers=None, method=None):
         """(status, JSON body) of one request."""
@@ -72,16 +54,6 @@ class Server:
                 return run
             time.sleep(0.5)
         raise AssertionError(f'run {run_id} did not finish')
-
-    def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope='module')
