@@ -15,8 +15,12 @@ from transforms.store import (GCSStore, ObjectChangedError, ObjectNotFoundError,
 
 
 def chunk_set(out: Path) -> set:
-    """(path relative to the corpus folder, start, end, text) of every chunk."""
-    table = ds.dataset(out / 'chunks').to_table(columns=['uri', 'start', 'end', 'text'])
+    """(path relative to the corpus folder, start, end, text) of every chunk of the table's
+    current version (its log's files: a compacted folder still holds the old ones)."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(out / 'chunks')).to_pyarrow_dataset().to_table(
+        columns=['uri', 'start', 'end', 'text'])
     return {(uri.split('/text/', 1)[1], s, e, t) for uri, s, e, t in zip(
         *(table.column(c).to_pylist() for c in ('uri', 'start', 'end', 'text')))}
 
