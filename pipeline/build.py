@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, StandardOptions,
                                                   TestOptions)
@@ -27,7 +26,7 @@ from transforms.corpus import Diff, ManifestAt, StagedRun
 from transforms.embed import EMBEDDERS, Embed, describe_embedder, release_embedders
 from transforms.entities import ExtractEntities, release_model
 from transforms.listing import check_patterns
-from transforms.manifest import STATS_SCHEMA, WriteStats, merge_stats
+from transforms.manifest import WriteStats
 from transforms.pdf import ReadPdfs
 from transforms.read_text import ReadText
 from transforms.route import Route
@@ -209,7 +208,18 @@ def run(opts: RunOptions) -> dict | None:
     release_model()
     gc.collect()
     corpus.crash_point('after-pipeline')
-    staged = _staged_manifest(run_folder(opts.output, plan.run_id, 'statsfiles*.txt'))
+    staged = corpus.StagedManifest.from_stats(
+        _read_lines(run_folder(opts.output, plan.run_id, 'statsfiles*.txt')))
+    try:
+        return _commit(opts, plan, committed, result, monitor, staged, started)
+    finally:
+        staged.close()
+
+
+def _commit(opts: RunOptions, plan: RunPlan, committed: corpus.Corpus, result,
+            monitor: RunMonitor, staged: corpus.StagedManifest, started: float) -> dict:
+    """The run's commit, its errors, the index update and the report, once its pipeline
+    finished."""
     written = list(_read_lines(run_folder(opts.output, plan.run_id, 'written*.txt')))
     staged, incomplete = corpus.check_staged(written, staged)
     if incomplete:
@@ -221,7 +231,7 @@ def run(opts: RunOptions) -> dict | None:
     deleted = _deletes(run_folder(opts.output, plan.run_id, 'changes*.jsonl'), ranges,
                        opts.inputs)
     found = metrics(result)
-    summary = reporting.run_counts(ranges, len(deleted), staged)
+    summary = reporting.run_counts(ranges, len(deleted), staged.totals)
     try:
         done = committed.commit(StagedRun(plan.run_id, plan.fingerprint,
                                           chunk_schema(opts.embed.dim), staged, deleted,
@@ -245,7 +255,7 @@ def run(opts: RunOptions) -> dict | None:
                                           chunk_files_rewritten=done.files_rewritten,
                                           commit_bytes_added=done.bytes_added,
                                           commit_bytes_rewritten=done.bytes_rewritten),
-                                 staged=staged)
+                                 read=staged.totals)
     outputs.write_json(outputs.path(opts.output, 'report.json'), report)
     committed.clean_staging(plan.run_id)
     outputs.remove(outputs.path(opts.output, '_ragbeam', 'runs'), [plan.run_id])
@@ -350,19 +360,6 @@ def _read_lines(pattern: str) -> Iterator[str]:
     for meta in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(meta.path, compression_type='uncompressed') as f:
             yield from (line for line in f.read().decode('utf-8').splitlines() if line)
-
-
-def _staged_manifest(pattern: str) -> pa.Table:
-    """The manifest rows of the objects this run routed, merged from the stats files that
-    finished bundles listed."""
-    from transforms.corpus.files import open_parquet
-    tables = [open_parquet(path).read() for path in _read_lines(pattern)]
-    stats = pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
-    del tables
-    staged = merge_stats(stats)
-    del stats
-    pa.default_memory_pool().release_unused()  # what the merge freed, back to the system
-    return staged
 
 
 def _deletes(pattern: str, ranges: list[dict], inputs: list[str]) -> list[str]:

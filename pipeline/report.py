@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from pipeline.options import RunOptions
 from transforms import outputs
+from transforms.corpus.staged import Totals
 from transforms.monitor import STAGES
 
 
@@ -28,15 +29,14 @@ def stages(found: dict) -> dict:
 CHANGES = ('new', 'changed', 'retried', 'unchanged', 'deleted', 'outside')
 
 
-def run_counts(ranges: list[dict], deleted: int, staged) -> dict:
+def run_counts(ranges: list[dict], deleted: int, read: Totals) -> dict:
     """What the diff decided, summed over its listing ranges, and what the run read: objects
     new, changed, retried (failed before), unchanged (not read), deleted (`deleted`: after
     the guards); of those read, how many failed; and the ranges whose listing failed."""
     found = {f'objects_{c}': sum(r[c] for r in ranges) for c in CHANGES}
     found['objects_deleted'] = deleted
-    found['objects_read'] = staged.num_rows
-    found['objects_read_failed'] = int(pc.sum(pc.equal(staged.column('status'), 'failed'))
-                                       .as_py() or 0)
+    found['objects_read'] = read.rows
+    found['objects_read_failed'] = read.failed
     found['list_ranges'] = len(ranges)
     found['list_ranges_failed'] = sum(1 for r in ranges if r['error'])
     return found
@@ -45,16 +45,14 @@ def run_counts(ranges: list[dict], deleted: int, staged) -> dict:
 def summarise(opts: RunOptions, index_meta: Optional[dict], counters: dict[str, int],
               wall_seconds: float, peak_rss_mb: float, stages: Optional[dict] = None,
               rss_series: Optional[list] = None, run: Optional[dict] = None,
-              staged=None, peak_anon_mb: float = 0.0) -> dict:
+              read: Optional[Totals] = None, peak_anon_mb: float = 0.0) -> dict:
     """The run summary (README, "Output layout"): the committed corpus's objects from its
-    manifest table; bytes read and the diff's counts from this run (`staged`: the manifest
-    rows of the objects it read; `run`: the diff and the commit)."""
+    manifest table; bytes read and the diff's counts from this run (`read`: the totals of
+    the manifest rows of the objects it read; `run`: the diff and the commit)."""
     totals = _manifest_totals(outputs.ParquetFolder(outputs.path(opts.output, 'manifest'),
                                                     opts.store))
-    read_bytes = (pc.sum(staged.column('bytes_read')).as_py() or 0) if staged is not None \
-        else totals['bytes_read']
-    read_chunks = (pc.sum(staged.column('chunks')).as_py() or 0) if staged is not None \
-        else totals['chunks']
+    read_bytes = read.bytes_read if read is not None else totals['bytes_read']
+    read_chunks = read.chunks if read is not None else totals['chunks']
     return {
         'objects_listed': totals['rows'],
         'objects_ok': totals['status'].get('ok', 0),

@@ -377,7 +377,7 @@ def test_an_object_whose_rows_were_lost_before_the_commit_fails_instead_of_commi
         {'uri': 'c', 'version': 'v1', 'status': 'failed', 'chunks': 0, 'reason': 'not found: x'},
     ], schema=MANIFEST_SCHEMA)
     checked, errors = check_staged([str(folder / 'text-00000.parquet')], manifest)
-    rows = {r['uri']: (r['status'], r['reason']) for r in checked.to_pylist()}
+    rows = {r['uri']: (r['status'], r['reason']) for r in checked.table().to_pylist()}
     assert rows['a'] == ('ok', None) and rows['c'] == ('failed', 'not found: x')
     assert rows['b'][0] == 'failed' and rows['b'][1].startswith(
         'incomplete: 2 of the 4 chunks its reader counted were staged')

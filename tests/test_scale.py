@@ -10,6 +10,8 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import pyarrow.parquet as pq
+
 
 from bench.generate import (delete_small_objects, edit_small_objects, pick, small_object_name,
                             small_object_text, write_small_objects)
@@ -158,16 +160,106 @@ def test_deleted_folders_count_against_max_delete_fraction_over_the_whole_run(tm
     assert len(_manifest_uris(out)) == N
 
 
-def test_an_unchanged_rerun_of_100k_objects_stays_under_512mb(tmp_path):
-    """The whole process tree's peak, as the run's monitor samples it."""
-    write_small_objects(tmp_path / 'src', 100_000, PER_FOLDER)
+def test_a_first_run_and_an_unchanged_rerun_of_100k_objects_stay_under_512mb(tmp_path):
+    """The whole process tree's peak, as the run's monitor samples it. The first run stages
+    more manifest rows than the driver sorts at once (SPILL_ROWS): its manifest comes out of
+    the external merge, whole and in uri order, in files of disjoint URI ranges."""
+    from deltalake import DeltaTable
+
+    from transforms.corpus import MANIFEST_FILE_ROWS
+    from transforms.corpus.files import table_files
+    from transforms.corpus.staged import SPILL_ROWS
+
+    n = 100_000
+    assert n > SPILL_ROWS
+    write_small_objects(tmp_path / 'src', n, PER_FOLDER)
     ragbeam('run', '--input', tmp_path / 'src', '--output', tmp_path / 'out', *LEAN,
             timeout=900)
+    first = _report(tmp_path / 'out')
+    assert first['run']['objects_read'] == n and first['objects_ok'] == n
+    assert first['peak_rss_mb'] < 512, first['peak_rss_mb']
+    files = table_files(DeltaTable(str(tmp_path / 'out' / 'manifest')))
+    assert sum(f.rows for f in files) == n and max(f.rows for f in files) <= MANIFEST_FILE_ROWS
+    assert all(a.last < b.first for a, b in zip(files, files[1:]))
+    for f in files:
+        column = pq.read_table(f.path, columns=['uri']).column('uri').to_pylist()
+        assert column == sorted(column) and (column[0], column[-1]) == (f.first, f.last)
+
     ragbeam('run', '--input', tmp_path / 'src', '--output', tmp_path / 'out', *LEAN,
             timeout=900)
     report = _report(tmp_path / 'out')
-    assert report['run']['objects_unchanged'] == 100_000 and not report['run']['committed']
+    assert report['run']['objects_unchanged'] == n and not report['run']['committed']
     assert report['peak_rss_mb'] < 512, report['peak_rss_mb']
+
+
+def _stats_files(folder, objects: int, files: int, seed: int = 3) -> list[str]:
+    """Stats records of `objects` objects in random order over `files` Parquet files: some
+    objects have several records (read in splits), a few failed or were skipped."""
+    import random
+
+    import pyarrow as pa
+
+    from transforms.manifest import STATS_SCHEMA
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(objects):
+        uri = f'/bucket/{rng.randrange(10 ** 9):09d}-{i}.txt'
+        for _ in range(rng.choice((1, 1, 1, 2, 5))):
+            status = rng.choice(('failed', 'skipped')) if rng.random() < 0.02 else None
+            rows.append({'uri': uri, 'size': 650, 'version': 'v1', 'chunks': rng.randrange(4),
+                         'bytes_read': 650, 'errors': 0, 'ocr_needed': 0, 'status': status,
+                         'reason': f'reason {rng.randrange(3)}' if status else None,
+                         'encoding': 'utf-8', 'kind': 'text'})
+    rng.shuffle(rows)
+    table = pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+    paths = []
+    for n in range(files):
+        path = str(folder / f'stats-{n}.parquet')
+        start, end = n * len(rows) // files, (n + 1) * len(rows) // files
+        pq.write_table(table.slice(start, end - start), path, row_group_size=3000)
+        paths.append(path)
+    return paths
+
+
+def test_the_staged_manifest_merges_as_one_table_would_however_much_it_spills(tmp_path):
+    """The external merge (sorted spills, merged in uri order) gives the rows, the totals and
+    the failed objects that merging all the stats records at once gives."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.corpus.staged import StagedManifest, Totals
+    from transforms.manifest import merge_stats
+
+    paths = _stats_files(tmp_path, 20_000, 7)
+    whole = merge_stats(pa.concat_tables([pq.read_table(p) for p in paths]))
+    failed = sorted(whole.filter(pc.equal(whole['status'], 'failed'))['uri'].to_pylist())
+    assert failed and whole.num_rows == 20_000
+    for spill_rows in (None, 5000, 1500, 100):
+        with StagedManifest.from_stats(paths, spill_rows) as staged:
+            assert staged.table().equals(whole), spill_rows
+            assert staged.totals == Totals.of(whole)
+            assert sorted(staged.failed.to_pylist()) == failed
+            assert staged.table('f').column('fingerprint').unique().to_pylist() == ['f']
+            spilled = staged._folder
+        assert spilled is None or not os.path.exists(spilled)
+
+
+def test_the_staged_manifest_of_400k_objects_is_merged_in_a_bounded_arrow_pool(tmp_path):
+    """The driver's merge holds a spill's worth of rows, not the run's: Arrow's peak
+    allocation while 400,000 objects' records merge stays under 64 MB (all at once it is
+    several times that)."""
+    paths = _stats_files(tmp_path, 400_000, 4)
+    code = ('import sys, pyarrow as pa\n'
+            'from transforms.corpus.staged import StagedManifest\n'
+            'with StagedManifest.from_stats(sys.argv[1:]) as staged:\n'
+            '    rows = sum(b.num_rows for b in staged.batches("f"))\n'
+            'print(rows, pa.default_memory_pool().max_memory())\n')
+    proc = subprocess.run([sys.executable, '-c', code, *paths], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=True)
+    rows, peak = map(int, proc.stdout.split())
+    assert rows == 400_000
+    assert peak < 64 << 20, peak
 
 
 def test_after_120_commits_the_tables_open_from_a_checkpoint(tmp_path):
@@ -230,3 +322,38 @@ def test_compact_rewrites_small_files_and_the_index_follows(tmp_path):
     assert [h['chunk_id'] for h in json.loads(ragbeam(*query).stdout)] == hits
     check_output(out, '--input', tmp_path / 'src')
     assert 'nothing to compact' in ragbeam('compact', '--output', out).stdout
+
+
+def test_a_flat_folder_is_cut_into_even_ranges_that_each_hold_their_share(tmp_path):
+    """A folder of many files and no sub-folders: the planner's names are spread over the
+    whole folder (not its first names), each range's listing holds only its own entries,
+    and the ranges together list every file once, in URI order; a run listed in 8 ranges
+    equals one listed in 1."""
+    from transforms.store import LocalStore, store_for
+
+    n = 3000
+    write_small_objects(tmp_path / 'src', n, per_folder=n)
+    (flat,) = [p for p in (tmp_path / 'src').iterdir()]
+    root = str(flat) + '/'
+    store = store_for(root)
+    assert isinstance(store, LocalStore)
+    everything = [r.uri for r in store.walk(root, None, None)]
+    assert len(everything) == n and everything == sorted(everything)
+    kids = store.children(root, 100)
+    assert len(kids) == 100 and kids == sorted(kids) and kids == store.children(root, 100)
+    spots = [everything.index(root + k) for k in kids]
+    assert spots[0] < n // 10 and spots[-1] > n - n // 10  # spread, not the first 100
+    cuts = [None] + [root + k for k in kids[::10]] + [None]
+    listed = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        held = store._entries(root, lo, hi)
+        part = [r.uri for r in store.walk(root, lo, hi)]
+        assert len(held) == len(part) < n // 3
+        listed += part
+    assert listed == everything
+
+    ragbeam('run', '--input', flat, '--output', tmp_path / 'eight', *LEAN, '--list-ranges', '8')
+    assert _report(tmp_path / 'eight')['run']['list_ranges'] == 8
+    ragbeam('run', '--input', flat, '--output', tmp_path / 'one', *LEAN, '--list-ranges', '1')
+    check_output(tmp_path / 'eight', '--input', flat)
+    check_output(tmp_path / 'eight', '--same-as', tmp_path / 'one')

@@ -171,7 +171,8 @@ class Store:
 
     def children(self, root: str, limit: int) -> list[str]:
         """Up to `limit` names right under `root`, in URI order, a folder's with a trailing
-        '/'; none where the store cannot tell (then the listing is one range)."""
+        '/' (the first ones, or a sample spread over all of them where the store can take
+        one); none where the store cannot tell (then the listing is one range)."""
         return []
 
     def walk(self, root: str, lo: Optional[str], hi: Optional[str]) -> Iterator[ObjectRef]:
@@ -214,19 +215,26 @@ class LocalStore(Store):
         return os.path.dirname(literal).rstrip('/') + '/'
 
     def children(self, root: str, limit: int) -> list[str]:
-        return [key[len(root):] for key, _ in self._entries(root)[:limit]]
+        """Every name of a folder of up to `limit` entries; of a bigger one, `limit` names
+        sampled over the whole folder (a reservoir, seeded: the same names for the same
+        folder), so that ranges cut at them split a flat folder of millions of files evenly
+        while the planner holds `limit` names."""
+        sample: list[str] = []
+        pick = random.Random(root)
+        for n, key in enumerate(key for key, _ in self._scan(root)):
+            if n < limit:
+                sample.append(key)
+            elif (at := pick.randrange(n + 1)) < limit:
+                sample[at] = key
+        return sorted(key[len(root):] for key in sample)
 
     def walk(self, root: str, lo: Optional[str], hi: Optional[str]) -> Iterator[ObjectRef]:
         if not os.path.isdir(root):  # a pattern that names one file
             if os.path.isfile(root.rstrip('/')) and in_range(root.rstrip('/'), lo, hi):
                 yield self._ref(root.rstrip('/'), os.stat(root.rstrip('/')))
             return
-        for key, entry in self._entries(root):
-            if hi is not None and key >= hi:
-                return  # what follows is past the range too
+        for key, entry in self._entries(root, lo, hi):
             if key.endswith('/'):
-                if lo is not None and key < lo and not lo.startswith(key):
-                    continue  # every path below it sorts before lo
                 yield from self.walk(key, lo, hi)
             elif in_range(key, lo, hi) and entry.is_file():
                 try:
@@ -235,20 +243,33 @@ class LocalStore(Store):
                     continue
                 yield self._ref(key, st)
 
+    @classmethod
+    def _entries(cls, folder: str, lo: Optional[str] = None, hi: Optional[str] = None) -> list:
+        """(URI-order key, entry) of a folder's entries that may hold a URI in [lo, hi), sorted
+        by key; a folder's key ends with '/'. Only those are held: a range of a flat folder of
+        millions of files costs its own share of them."""
+        def wanted(key: str) -> bool:
+            if hi is not None and key >= hi:
+                return False
+            if key.endswith('/'):  # below it, every path sorts before lo, or none does
+                return lo is None or key >= lo or lo.startswith(key)
+            return lo is None or key >= lo
+        return sorted(((key, e) for key, e in cls._scan(folder) if wanted(key)),
+                      key=lambda pair: pair[0])
+
     @staticmethod
-    def _entries(folder: str) -> list:
-        """(URI-order key, entry) of a folder's entries; a folder's key ends with '/'. A
-        folder link is not followed, as in Beam's local listing."""
+    def _scan(folder: str) -> Iterator[tuple[str, os.DirEntry]]:
+        """(URI-order key, entry) of a folder's entries as the OS gives them. A folder link is
+        not followed, as in Beam's local listing."""
         hook = os.environ.get(LIST_FAIL_ENV)
         try:
             if hook and hook in folder:
                 raise OSError(f'injected listing failure ({LIST_FAIL_ENV})')
             with os.scandir(folder) as found:
-                entries = [(e.path + '/' if e.is_dir(follow_symlinks=False) else e.path, e)
-                           for e in found]
+                for e in found:
+                    yield e.path + '/' if e.is_dir(follow_symlinks=False) else e.path, e
         except OSError as e:
             raise StoreError(f'cannot list {folder}: {e}') from e
-        return sorted(entries, key=lambda pair: pair[0])
 
     @staticmethod
     def _ref(path: str, st: os.stat_result) -> ObjectRef:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +19,7 @@ from transforms import outputs
 from transforms.corpus.files import (TableFile, add_action, bounds_of, footer_bounds,
                                      open_parquet, remove_action, table_files, table_relpath,
                                      uris, without, write_table)
+from transforms.corpus.staged import StagedManifest
 from transforms.types import MANIFEST_SCHEMA
 from transforms.write import LOOKUP_GROUP_ROWS
 
@@ -87,19 +88,20 @@ class ManifestRewrite:
 
 
 def rewrite_manifest(table_path: str, files: Sequence[TableFile], folder: str,
-                     staged: pa.Table, deleted: Sequence[str]) -> ManifestRewrite:
+                     staged: StagedManifest, fingerprint: str,
+                     deleted: Sequence[str]) -> ManifestRewrite:
     """The manifest's new files: each old file whose URI range holds a staged or deleted
     object is rewritten with that change (a new object goes to the file whose range it
     falls in, or next to), split to at most MANIFEST_FILE_ROWS; the others stay.
 
-    `staged` holds the rows of the objects read (fingerprint filled in). An object that
+    `staged` holds the rows of the objects read, given `fingerprint`. An object that
     failed keeps its committed row where that row is `ok` (its chunks stay too).
     """
     result = ManifestRewrite(rows=sum(f.rows for f in files))
-    if not files:  # a new table: the staged rows, sorted, and nothing per object in Python
-        _write_sorted(table_path, folder, staged.select(MANIFEST_SCHEMA.names).cast(
-            MANIFEST_SCHEMA).sort_by('uri'), result, 0)
+    if not files:  # a new table: the staged rows as they stream, in uri order
+        _write_sorted(table_path, folder, staged.batches(fingerprint), result, 0)
         return result
+    staged = staged.table(fingerprint)  # a re-run's: in proportion to what it read
     firsts = [f.first or '' for f in files]
     touched: dict[int, list[str]] = {}
     for uri in sorted(set(staged.column('uri').to_pylist()) | set(deleted)):
@@ -115,28 +117,41 @@ def rewrite_manifest(table_path: str, files: Sequence[TableFile], folder: str,
             [mine.column('uri').combine_chunks().cast(pa.string()), gone]))
         if not mine.num_rows and not int(pc.sum(replaced).as_py() or 0):
             continue  # failures that keep their rows, deletes of what was never here
-        rows = pa.concat_tables([old.filter(pc.invert(replaced)), mine.select(
-            MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)]).sort_by('uri')
+        rows = pa.concat_tables([old.filter(pc.invert(replaced)), mine]).sort_by('uri')
         result.removes.append(remove_action(table_path, files[at].path))
         result.rows -= files[at].rows
-        written = _write_sorted(table_path, folder, rows, result, written)
+        written = _write_sorted(table_path, folder, [rows], result, written)
     return result
 
 
-def _write_sorted(table_path: str, folder: str, rows: pa.Table, result: ManifestRewrite,
-                  written: int, target_rows: int = MANIFEST_FILE_ROWS, name: str = 'manifest',
-                  write=write_table) -> int:
-    """Writes sorted rows as files `<name>-NNNNN.parquet` of at most `target_rows`, their add
-    actions (with their URI ranges) into `result`; returns the count of files written."""
-    result.rows += rows.num_rows
-    for start in range(0, rows.num_rows, target_rows):
-        piece = rows.slice(start, target_rows)
+def _write_sorted(table_path: str, folder: str, parts: Iterable[pa.Table],
+                  result: ManifestRewrite, written: int, target_rows: int = MANIFEST_FILE_ROWS,
+                  name: str = 'manifest', write=write_table) -> int:
+    """Writes rows that come sorted, in parts of any size, as files `<name>-NNNNN.parquet` of
+    `target_rows` (the last fewer), their add actions (with their URI ranges) into `result`;
+    returns the count of files written. It holds at most a file's rows and a part."""
+    held: list[pa.Table] = []
+    count = 0
+
+    def flush(rows: pa.Table) -> None:
+        nonlocal written
         out = outputs.path(folder, f'{name}-{written:05d}.parquet')
         written += 1
-        write(piece, out)
-        action = add_action(table_path, out, piece.num_rows, bounds_of(piece.column('uri')))
+        write(rows, out)
+        action = add_action(table_path, out, rows.num_rows, bounds_of(rows.column('uri')))
         result.adds.append(action)
         result.bytes_written += action.size
+        result.rows += rows.num_rows
+
+    for part in parts:
+        held.append(part)
+        count += part.num_rows
+        while count >= target_rows:
+            rows = pa.concat_tables(held)
+            flush(rows.slice(0, target_rows))
+            held, count = [rows.slice(target_rows)], count - target_rows
+    if count:
+        flush(pa.concat_tables(held))
     return written
 
 
@@ -171,7 +186,7 @@ def compact_files(table_path: str, files: Sequence[TableFile], folder: str, targ
         keys = [('uri', 'ascending')] + ([('page', 'ascending'), ('start', 'ascending')]
                                          if sort_chunks else [])
         result.removes += [remove_action(table_path, f.path) for f in group]
-        written = _write_sorted(table_path, folder, rows.sort_by(keys), result, written,
+        written = _write_sorted(table_path, folder, [rows.sort_by(keys)], result, written,
                                 target_rows, 'compact', _write_like_the_sink)
     return result
 

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +36,9 @@ from transforms.corpus.hooks import crash_point
 from transforms.corpus.layout import (MANIFEST_FILE_ROWS, ManifestRewrite, compact_files,
                                       remove_objects, rewrite_manifest)
 from transforms.corpus.options import BackfillOptions
+from transforms.corpus.staged import StagedManifest
 from transforms.outputs import normal_uri
-from transforms.types import MANIFEST_SCHEMA, ErrorRecord
+from transforms.types import MANIFEST_SCHEMA
 from transforms.write import FILE_ROWS
 
 _log = logging.getLogger(__name__)
@@ -70,15 +71,20 @@ class CommitResult:
 
 @dataclass
 class StagedRun:
-    """What a finished run hands to its commit: the manifest rows of the objects it read, the
-    URIs it deletes, the chunk files of its finished bundles, and its summary."""
+    """What a finished run hands to its commit: the manifest rows of the objects it read (a
+    table is taken as a StagedManifest), the URIs it deletes, the chunk files of its
+    finished bundles, and its summary."""
     run_id: str
     fingerprint: str
     schema: pa.Schema  # the chunk table's
-    manifest: pa.Table
+    manifest: Union[StagedManifest, pa.Table]
     deleted: Sequence[str] = ()
     written: Sequence[str] = ()
     summary: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.manifest, pa.Table):
+            self.manifest = StagedManifest(self.manifest)
 
 
 def new_run_id() -> str:
@@ -166,12 +172,10 @@ class Corpus:
                 f'this run would delete {len(deleted)} of {total} committed objects, more than '
                 f'--max-delete-fraction {options.max_delete_fraction:g}: nothing was committed '
                 '(check the --input patterns, or raise the limit)')
-        staged = _with_fingerprint(run.manifest, run.fingerprint)
-        status = staged.column('status')
-        failed = staged.filter(pc.equal(status, 'failed')).column('uri').combine_chunks()
+        staged = run.manifest
         table_path = self.chunks_path
         folder = staging(table_path, run.run_id)
-        adds, added_rows, added_bytes = self._stage_chunks(run, folder, failed)
+        adds, added_rows, added_bytes = self._stage_chunks(run, folder, staged.failed)
         if self.chunks is None and not adds:  # a table with no rows still has its schema
             empty = outputs.path(folder, 'empty.parquet')
             write_table(run.schema.empty_table(), empty)
@@ -181,12 +185,13 @@ class Corpus:
                           != run.schema.remove_metadata())
         # the rows of the objects read again (not of those that failed: theirs stay) and of
         # the deleted ones; a new table has none
-        drop = set() if self.chunks is None else set(deleted).union(staged.filter(
-            pc.not_equal(status, 'failed')).column('uri').to_pylist())
+        drop = set() if self.chunks is None else set(deleted).union(
+            _read_whole(staged.table()).to_pylist())
         removal = remove_objects(table_path, self.storage_options, folder, drop, schema_changed)
         manifest_files = [] if self.manifest is None else table_files(self.manifest)
         rewrite = rewrite_manifest(self.manifest_path, manifest_files,
-                                   staging(self.manifest_path, run.run_id), staged, deleted)
+                                   staging(self.manifest_path, run.run_id), staged,
+                                   run.fingerprint, deleted)
         if self.manifest is None and not rewrite.adds:
             empty = outputs.path(staging(self.manifest_path, run.run_id), 'empty.parquet')
             write_table(MANIFEST_SCHEMA.empty_table(), empty)
@@ -366,64 +371,13 @@ class Corpus:
                 table.cleanup_metadata()
 
 
+def _read_whole(staged: pa.Table) -> pa.Array:
+    """The URIs of the staged objects that did not fail."""
+    return staged.filter(pc.not_equal(staged.column('status'), 'failed')).column('uri')
+
+
 def _size(file_path: str) -> int:
     return FileSystems.match([file_path])[0].metadata_list[0].size_in_bytes
-
-
-def _with_fingerprint(staged: pa.Table, fingerprint: str) -> pa.Table:
-    """The staged manifest rows in the manifest's schema, with the run's fingerprint."""
-    staged = staged.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
-    at = staged.schema.get_field_index('fingerprint')
-    return staged.set_column(at, 'fingerprint',
-                             pa.array([fingerprint] * staged.num_rows, pa.string()))
-
-
-def check_staged(written: Sequence[str],
-                 staged_manifest: pa.Table) -> tuple[pa.Table, list[ErrorRecord]]:
-    """The staged manifest with every `ok` object whose rows in the `written` chunk files
-    differ in number from the chunks its reader counted turned `failed` (rows were lost
-    between the read and the write: it must not commit as complete, and the next run
-    retries it), and an error record for each such object. Counted in Arrow: nothing per
-    object in Python but the objects that failed so.
-
-    A chunk file commits whole or not at all, and a bundle the runner ran again never lists
-    its first attempt's file, so rows can only go missing, never be doubled: when the files
-    hold as many rows as the readers counted, no object lost any, and the per-object count
-    (a million URIs on a first run over a million objects) is not made."""
-    status = staged_manifest.column('status')
-    if not pc.any(pc.equal(status, 'failed')).as_py():  # a failed one may have left rows
-        expected = pc.sum(pc.filter(staged_manifest.column('chunks'),
-                                    pc.equal(status, 'ok'))).as_py() or 0
-        if sum(open_parquet(p).metadata.num_rows for p in written) == expected:
-            return staged_manifest, []
-    columns = [uris(p) for p in written]
-    found = (pa.table({'uri': pa.chunked_array(columns, pa.string())})
-             .group_by('uri').aggregate([('uri', 'count')])
-             .rename_columns(['uri', 'staged_rows'])) if columns else \
-        pa.table({'uri': pa.array([], pa.string()), 'staged_rows': pa.array([], pa.int64())})
-    joined = staged_manifest.join(found, 'uri', join_type='left outer')
-    staged_rows = pc.fill_null(joined.column('staged_rows'), 0)
-    bad_mask = pc.and_(pc.equal(joined.column('status'), 'ok'),
-                       pc.not_equal(staged_rows, pc.cast(joined.column('chunks'), pa.int64())))
-    if not pc.any(bad_mask).as_py():
-        return staged_manifest, []
-    bad = joined.filter(bad_mask)
-    errors, reasons = [], {}
-    for row in bad.to_pylist():
-        message = (f'{row["staged_rows"] or 0} of the {row["chunks"]} chunks its reader counted '
-                   'were staged (rows lost between the read and the write)')
-        _log.error('ragbeam: %s: %s; not committed, retried by the next run', row['uri'], message)
-        errors.append(ErrorRecord(row['uri'], 'commit', 'IncompleteObject', message,
-                                  row['version']))
-        reasons[row['uri']] = f'incomplete: {message}'
-    good = staged_manifest.filter(pc.invert(pc.is_in(
-        staged_manifest.column('uri'), value_set=pa.array(list(reasons), pa.string()))))
-    fixed = pa.Table.from_pylist(
-        [dict(r, status='failed', reason=reasons[r['uri']]) for r in staged_manifest.filter(
-            pc.is_in(staged_manifest.column('uri'),
-                     value_set=pa.array(list(reasons), pa.string()))).to_pylist()],
-        schema=staged_manifest.schema)
-    return pa.concat_tables([good, fixed]), errors
 
 
 def copied_files(table_path: str, storage_options: Optional[dict], since: int,
@@ -444,5 +398,5 @@ def copied_files(table_path: str, storage_options: Optional[dict], since: int,
 
 
 __all__ = ['CHECKPOINT_INTERVAL', 'COPIES_KEY', 'CommitError', 'CommitResult', 'Corpus',
-           'StagedRun', 'check_staged', 'copied_files', 'new_run_id', 'run_age', 'staging',
+           'StagedRun', 'copied_files', 'new_run_id', 'run_age', 'staging',
            'table_relpath']
