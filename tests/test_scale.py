@@ -357,3 +357,76 @@ def test_a_flat_folder_is_cut_into_even_ranges_that_each_hold_their_share(tmp_pa
     ragbeam('run', '--input', flat, '--output', tmp_path / 'one', *LEAN, '--list-ranges', '1')
     check_output(tmp_path / 'eight', '--input', flat)
     check_output(tmp_path / 'eight', '--same-as', tmp_path / 'one')
+
+
+def test_a_commit_merges_a_staged_manifest_of_any_size_into_the_manifest_files(tmp_path):
+    """The manifest side of a re-run's commit streams: the staged rows (here from the
+    external merge's file) are cut at the committed files' ranges and merged file by file,
+    a batch at a time. Changes, adds before, between and after every committed file (more
+    than a file's worth after the last), deletes, a failure that keeps its old row and one
+    whose object was new give the rows a plain recount gives, in files of disjoint ranges."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import create_table_with_add_actions
+
+    from transforms.corpus.files import table_files
+    from transforms.corpus.layout import MANIFEST_FILE_ROWS, Dropped, rewrite_manifest
+    from transforms.corpus.staged import StagedManifest
+    from transforms.manifest import STATS_SCHEMA, merge_stats
+    from transforms.types import MANIFEST_SCHEMA
+
+    table = str(tmp_path / 'manifest')
+
+    def row(uri, version, status=None):
+        return {'uri': uri, 'size': 1, 'version': version, 'chunks': 0 if status else 1,
+                'bytes_read': 1, 'errors': 0, 'ocr_needed': 0, 'status': status,
+                'reason': 'broken' if status else None, 'encoding': 'utf-8', 'kind': 'text'}
+
+    committed = [f'/b/m{i:06d}' for i in range(0, 140_000, 2)]  # 70,000 rows: 3 files
+    first = rewrite_manifest(table, [], os.path.join(table, 'run-1'), StagedManifest(
+        merge_stats(pa.Table.from_pylist([row(u, 'v1') for u in committed], STATS_SCHEMA))),
+        'f1', [])
+    create_table_with_add_actions(table, Schema.from_arrow(MANIFEST_SCHEMA), first.adds,
+                                  mode='error')
+    files = table_files(DeltaTable(table))
+    assert [f.rows for f in files] == [MANIFEST_FILE_ROWS, MANIFEST_FILE_ROWS, 4464]
+    staged_rows = ([row(f'/b/a{i:06d}', 'v2') for i in range(50)]  # before every file
+                   + [row(f'/b/m{i:06d}', 'v2') for i in range(1, 400, 2)]  # between rows
+                   + [row(f'/b/m{i:06d}', 'v2') for i in range(1000, 1100, 2)]  # changed
+                   + [row('/b/m002000', 'v2', 'failed'),  # keeps its ok row
+                      row('/b/m000003', 'v2', 'failed'),  # new and failed: a failed row
+                      row('/b/m080000', 'v2', 'failed')]  # the second file's only change
+                   + [row(f'/b/z{i:06d}', 'v2') for i in range(MANIFEST_FILE_ROWS + 500)])
+    paths = []
+    for n in range(3):
+        path = str(tmp_path / f'stats-{n}.parquet')
+        pq.write_table(pa.Table.from_pylist(staged_rows[n::3], STATS_SCHEMA), path)
+        paths.append(path)
+    deleted = ([f'/b/m{i:06d}' for i in range(132_000, 132_100, 2)]
+               + ['/b/m080001', '/b/never'])  # never committed
+    with StagedManifest.from_stats(paths, spill_rows=5000) as staged:
+        assert staged._rows is None  # from the spills' merged file
+        rewrite = rewrite_manifest(table, files, os.path.join(table, 'run-2'), staged, 'f2', deleted)
+        dropped = Dropped(deleted, staged).between('/b/m001000', '/b/m001098')
+        assert sorted(dropped.to_pylist()) == [f'/b/m{i:06d}' for i in range(1000, 1100, 2)]
+
+    got = pa.concat_tables([pq.read_table(os.path.join(table, a.path)) for a in rewrite.adds])
+    expect = {u: 'v1' for u in committed}
+    for r in staged_rows:
+        if not (r['status'] and r['uri'] in expect):
+            expect[r['uri']] = r['version']
+    for u in deleted:
+        expect.pop(u, None)
+    assert [a.path for a in rewrite.removes] == [os.path.relpath(files[n].path, table)
+                                                 for n in (0, 2)]
+    unchanged = pq.read_table(files[1].path)
+    got = pa.concat_tables([got, unchanged.select(got.column_names)]).sort_by('uri')
+    assert dict(zip(got['uri'].to_pylist(), got['version'].to_pylist())) == expect
+    assert got['uri'].to_pylist() == sorted(expect) and rewrite.rows == len(expect)
+    bounds = sorted([(json.loads(a.stats)['minValues']['uri'],
+                      json.loads(a.stats)['maxValues']['uri']) for a in rewrite.adds]
+                    + [(files[1].first, files[1].last)])
+    assert all(a[1] < b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(json.loads(a.stats)['numRecords'] for a in rewrite.adds) <= MANIFEST_FILE_ROWS
+    fingerprints = dict(zip(got['uri'].to_pylist(), got['fingerprint'].to_pylist()))
+    assert fingerprints['/b/z000000'] == 'f2' and fingerprints['/b/m002000'] == 'f1'

@@ -7,12 +7,11 @@ commit finds the files that may hold an object from the log alone, without openi
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,13 +31,6 @@ class TableFile:
     size: int
     first: Optional[str]
     last: Optional[str]
-
-    def may_hold(self, uris: Sequence[str]) -> bool:
-        """Whether any of the sorted `uris` lies in the file's URI range."""
-        if self.first is None or self.last is None:
-            return bool(uris)
-        at = bisect.bisect_left(uris, self.first)
-        return at < len(uris) and uris[at] <= self.last
 
     def overlaps(self, lo: Optional[str], hi: Optional[str]) -> bool:
         """Whether the file's URI range meets [lo, hi) (None: open)."""

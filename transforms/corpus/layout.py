@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,8 +38,27 @@ class Removal:
     copies: dict[str, str] = field(default_factory=dict)
 
 
+class Dropped:
+    """The URIs whose committed rows a commit drops: the deleted ones, and the staged objects
+    that did not fail, looked up by a file's URI range (in the staged manifest's sorted
+    file, when it has one), so that a run that read millions never holds them all."""
+
+    def __init__(self, deleted: Iterable[str] = (), staged: Optional[StagedManifest] = None):
+        self._deleted = sorted(set(deleted))
+        self._staged = staged
+
+    def between(self, first: Optional[str], last: Optional[str]) -> pa.Array:
+        """Those in [first, last] (None: open)."""
+        lo = 0 if first is None else bisect.bisect_left(self._deleted, first)
+        hi = len(self._deleted) if last is None else bisect.bisect_right(self._deleted, last)
+        found = pa.array(self._deleted[lo:hi], pa.string())
+        if self._staged is None:
+            return found
+        return pa.concat_arrays([found, self._staged.read_whole(first, last)])
+
+
 def remove_objects(table_path: str, storage_options: Optional[dict], folder: str,
-                   drop: set[str], every_row: bool = False) -> Removal:
+                   drop: Union[Dropped, Iterable[str]], every_row: bool = False) -> Removal:
     """The actions that drop the rows of the URIs `drop` (with `every_row`, all rows: the
     schema changed) from the table's committed files, rewriting into `folder` only the files
     that hold them; commit them with COPIES_KEY set to json of `copies`."""
@@ -48,14 +67,16 @@ def remove_objects(table_path: str, storage_options: Optional[dict], folder: str
     removal = Removal()
     if not DeltaTable.is_deltatable(table_path, storage_options=storage_options):
         return removal
-    wanted = sorted(drop)
-    value_set = pa.array(wanted, pa.string())
+    if not isinstance(drop, Dropped):
+        drop = Dropped(drop)
     files = table_files(DeltaTable(table_path, storage_options=storage_options))
     for n, f in enumerate(files):
-        if not every_row and not f.may_hold(wanted):
+        value_set = None if every_row else drop.between(f.first, f.last)
+        if value_set is not None and not len(value_set):
             continue  # its URI range holds none of them: not even opened
         found = uris(f.path)
-        hits = int(pc.sum(pc.is_in(found, value_set=value_set)).as_py() or 0)
+        hits = int(pc.sum(pc.is_in(found, value_set=value_set)).as_py() or 0) \
+            if value_set is not None else 0
         if not hits and not every_row:
             continue
         removal.removes.append(remove_action(table_path, f.path))
@@ -94,65 +115,147 @@ def rewrite_manifest(table_path: str, files: Sequence[TableFile], folder: str,
     object is rewritten with that change (a new object goes to the file whose range it
     falls in, or next to), split to at most MANIFEST_FILE_ROWS; the others stay.
 
-    `staged` holds the rows of the objects read, given `fingerprint`. An object that
-    failed keeps its committed row where that row is `ok` (its chunks stay too).
+    `staged` holds the rows of the objects read, given `fingerprint`; they stream in uri
+    order, each file's share merged with that file's rows as it comes, so the rows held are
+    a file's and a batch's. An object that failed keeps its committed row where that row is
+    `ok` (its chunks stay too).
     """
     result = ManifestRewrite(rows=sum(f.rows for f in files))
+    writer = _SortedWriter(table_path, folder, result)
     if not files:  # a new table: the staged rows as they stream, in uri order
-        _write_sorted(table_path, folder, staged.batches(fingerprint), result, 0)
+        for part in staged.batches(fingerprint):
+            writer.add(part)
+        writer.end_file()
         return result
-    staged = staged.table(fingerprint)  # a re-run's: in proportion to what it read
     firsts = [f.first or '' for f in files]
-    touched: dict[int, list[str]] = {}
-    for uri in sorted(set(staged.column('uri').to_pylist()) | set(deleted)):
-        touched.setdefault(max(0, bisect.bisect_right(firsts, uri) - 1), []).append(uri)
-    gone = pa.array(sorted(set(deleted)), pa.string())
-    written = 0
-    for at, part in sorted(touched.items()):
-        mine = staged.filter(pc.is_in(staged.column('uri'), value_set=pa.array(part, pa.string())))
-        old = _read_manifest(files[at].path)
-        mine = mine.filter(pc.invert(pc.is_in(mine.column('uri'),
-                                              value_set=_kept_ok(old, mine))))
-        replaced = pc.is_in(old.column('uri'), value_set=pa.concat_arrays(
-            [mine.column('uri').combine_chunks().cast(pa.string()), gone]))
-        if not mine.num_rows and not int(pc.sum(replaced).as_py() or 0):
-            continue  # failures that keep their rows, deletes of what was never here
-        rows = pa.concat_tables([old.filter(pc.invert(replaced)), mine]).sort_by('uri')
-        result.removes.append(remove_action(table_path, files[at].path))
-        result.rows -= files[at].rows
-        written = _write_sorted(table_path, folder, [rows], result, written)
+    gone: dict[int, list[str]] = {}
+    for uri in sorted(set(deleted)):
+        gone.setdefault(_file_of(firsts, uri), []).append(uri)
+    deletes_only = sorted(gone)  # files whose range holds a delete, till staged rows reach them
+    merge: Optional[_FileMerge] = None
+
+    def close(m: _FileMerge) -> None:
+        if m.finish(writer):
+            result.removes.append(remove_action(table_path, m.file.path))
+            result.rows -= m.file.rows
+
+    def start(at: int) -> _FileMerge:
+        return _FileMerge(files[at], pa.array(gone.get(at, []), pa.string()))
+
+    for at, part in _shares(firsts, staged.batches(fingerprint)):
+        if merge is None or merge.file is not files[at]:
+            if merge is not None:
+                close(merge)
+            while deletes_only and deletes_only[0] <= at:
+                if (n := deletes_only.pop(0)) < at:
+                    close(start(n))
+            merge = start(at)
+        merge.add(part, writer)
+    if merge is not None:
+        close(merge)
+    for at in deletes_only:
+        close(start(at))
     return result
 
 
-def _write_sorted(table_path: str, folder: str, parts: Iterable[pa.Table],
-                  result: ManifestRewrite, written: int, target_rows: int = MANIFEST_FILE_ROWS,
-                  name: str = 'manifest', write=write_table) -> int:
+def _file_of(firsts: Sequence[str], uri: str) -> int:
+    """The manifest file whose range a URI falls in: the last that starts at or before it."""
+    return max(0, bisect.bisect_right(firsts, uri) - 1)
+
+
+def _shares(firsts: Sequence[str], batches: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
+    """(file, rows) of sorted batches cut where the files' ranges start, in uri order."""
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        column = batch.column('uri')
+        first = _file_of(firsts, column[0].as_py())
+        last = _file_of(firsts, column[-1].as_py())
+        start = 0
+        for at in range(first, last + 1):
+            end = batch.num_rows if at == last else \
+                int(pc.sum(pc.less(column, firsts[at + 1])).as_py() or 0)
+            if end > start:
+                yield at, batch.slice(start, end - start)
+            start = max(start, end)
+
+
+class _FileMerge:
+    """A manifest file's rows with its share of the staged rows in and the `gone` URIs out.
+    Each part of the share (sorted) is merged with the file's rows up to its last uri, so a
+    share of millions (a new folder that sorts after every committed one) streams through."""
+
+    def __init__(self, f: TableFile, gone: pa.Array):
+        self.file = f
+        self._old = _read_manifest(f.path)
+        self._held = self._old.filter(pc.invert(pc.is_in(self._old.column('uri'),
+                                                         value_set=gone)))
+        self._changed = self._held.num_rows < self._old.num_rows
+        self._taken = 0  # rows of _held written
+
+    def add(self, part: pa.Table, writer: '_SortedWriter') -> None:
+        """A staged row (less the failures that keep their old `ok` row) changes the file."""
+        part = part.filter(pc.invert(pc.is_in(part.column('uri'),
+                                              value_set=_kept_ok(self._old, part))))
+        if not part.num_rows:
+            return
+        self._changed = True
+        upto = int(pc.sum(pc.less_equal(self._held.column('uri'), part.column('uri')[-1]))
+                   .as_py() or 0)
+        mine = self._held.slice(self._taken, upto - self._taken)
+        self._taken = upto
+        mine = mine.filter(pc.invert(pc.is_in(mine.column('uri'), value_set=part.column('uri'))))
+        writer.add(pa.concat_tables([mine, part]).sort_by('uri'))
+
+    def finish(self, writer: '_SortedWriter') -> bool:
+        """Writes the rest; whether the file changed (and must be removed). Failures that
+        keep their rows, and deletes of what was never here, change nothing, and nothing was
+        written for them."""
+        if not self._changed:
+            return False
+        writer.add(self._held.slice(self._taken))
+        writer.end_file()
+        return True
+
+
+class _SortedWriter:
     """Writes rows that come sorted, in parts of any size, as files `<name>-NNNNN.parquet` of
-    `target_rows` (the last fewer), their add actions (with their URI ranges) into `result`;
-    returns the count of files written. It holds at most a file's rows and a part."""
-    held: list[pa.Table] = []
-    count = 0
+    `target_rows` (the last of each run of adds fewer: `end_file`), their add actions (with
+    their URI ranges) into `result`. It holds at most a file's rows and a part."""
 
-    def flush(rows: pa.Table) -> None:
-        nonlocal written
-        out = outputs.path(folder, f'{name}-{written:05d}.parquet')
-        written += 1
-        write(rows, out)
-        action = add_action(table_path, out, rows.num_rows, bounds_of(rows.column('uri')))
-        result.adds.append(action)
-        result.bytes_written += action.size
-        result.rows += rows.num_rows
+    def __init__(self, table_path: str, folder: str, result: ManifestRewrite,
+                 target_rows: int = MANIFEST_FILE_ROWS, name: str = 'manifest',
+                 write=write_table):
+        self._table_path, self._folder, self._result = table_path, folder, result
+        self._target, self._name, self._write = target_rows, name, write
+        self._held: list[pa.Table] = []
+        self._count = 0
+        self._written = 0
 
-    for part in parts:
-        held.append(part)
-        count += part.num_rows
-        while count >= target_rows:
-            rows = pa.concat_tables(held)
-            flush(rows.slice(0, target_rows))
-            held, count = [rows.slice(target_rows)], count - target_rows
-    if count:
-        flush(pa.concat_tables(held))
-    return written
+    def add(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self._held.append(rows)
+        self._count += rows.num_rows
+        while self._count >= self._target:
+            rows = pa.concat_tables(self._held)
+            self._flush(rows.slice(0, self._target))
+            self._held, self._count = [rows.slice(self._target)], self._count - self._target
+
+    def end_file(self) -> None:
+        """Writes what is held as a file of its own (the next add starts a new file)."""
+        if self._count:
+            self._flush(pa.concat_tables(self._held))
+        self._held, self._count = [], 0
+
+    def _flush(self, rows: pa.Table) -> None:
+        out = outputs.path(self._folder, f'{self._name}-{self._written:05d}.parquet')
+        self._written += 1
+        self._write(rows, out)
+        action = add_action(self._table_path, out, rows.num_rows, bounds_of(rows.column('uri')))
+        self._result.adds.append(action)
+        self._result.bytes_written += action.size
+        self._result.rows += rows.num_rows
 
 
 def _read_manifest(path: str) -> pa.Table:
@@ -178,7 +281,8 @@ def compact_files(table_path: str, files: Sequence[TableFile], folder: str, targ
     up to COMPACT_GROUP_BYTES; each group of two or more files, or a file that is not sorted,
     is read, sorted and written again. The rows do not change."""
     result = ManifestRewrite()
-    written = 0
+    writer = _SortedWriter(table_path, folder, result, target_rows, 'compact',
+                           _write_like_the_sink)
     for group in _groups(files, target_rows):
         if len(group) == 1 and _sorted(group[0]):
             continue
@@ -186,8 +290,8 @@ def compact_files(table_path: str, files: Sequence[TableFile], folder: str, targ
         keys = [('uri', 'ascending')] + ([('page', 'ascending'), ('start', 'ascending')]
                                          if sort_chunks else [])
         result.removes += [remove_action(table_path, f.path) for f in group]
-        written = _write_sorted(table_path, folder, [rows.sort_by(keys)], result, written,
-                                target_rows, 'compact', _write_like_the_sink)
+        writer.add(rows.sort_by(keys))
+        writer.end_file()
     return result
 
 

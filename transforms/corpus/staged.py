@@ -127,9 +127,41 @@ class StagedManifest:
             yield part if fingerprint is None else _with_fingerprint(part, fingerprint)
 
     def table(self, fingerprint: Optional[str] = None) -> pa.Table:
-        """All the rows at once: for a run that read in proportion to what changed."""
+        """All the rows at once (tests, and the check of a run that lost rows)."""
         parts = list(self.batches(fingerprint))
         return pa.concat_tables(parts) if parts else MANIFEST_SCHEMA.empty_table()
+
+    def read_whole(self, first: Optional[str], last: Optional[str]) -> pa.Array:
+        """The URIs in [first, last] (None: open) of the objects that did not fail: those
+        whose committed rows the run replaces. From a file, only its row groups whose uri
+        statistics meet the range are read."""
+        if self._rows is not None:
+            parts = [self._rows]
+        elif self._path is not None:
+            source = pq.ParquetFile(self._path)
+            at = source.schema_arrow.get_field_index('uri')
+            groups = [g for g in range(source.num_row_groups) if _meets(
+                source.metadata.row_group(g).column(at).statistics, first, last)]
+            parts = [source.read_row_groups(groups, columns=['uri', 'status'])] if groups else []
+        else:
+            parts = []
+        found = []
+        for rows in parts:
+            column = rows.column('uri')
+            keep = pc.not_equal(rows.column('status'), 'failed')
+            if first is not None:
+                keep = pc.and_(keep, pc.greater_equal(column, first))
+            if last is not None:
+                keep = pc.and_(keep, pc.less_equal(column, last))
+            found.append(pc.filter(column, keep).combine_chunks())
+        return pa.concat_arrays(found).cast(pa.string()) if found else pa.array([], pa.string())
+
+
+def _meets(stats, first: Optional[str], last: Optional[str]) -> bool:
+    """Whether a row group whose uri statistics are `stats` may hold a URI in [first, last]."""
+    if stats is None or not stats.has_min_max:
+        return True
+    return (first is None or stats.max >= first) and (last is None or stats.min <= last)
 
 
 def _spill(tables: list[pa.Table], folder: str, n: int) -> str:

@@ -33,8 +33,8 @@ from transforms.corpus.files import (add_action, footer_bounds, open_parquet, pa
                                      remove_action, table_files, table_relpath, uris, without,
                                      write_table)
 from transforms.corpus.hooks import crash_point
-from transforms.corpus.layout import (MANIFEST_FILE_ROWS, ManifestRewrite, compact_files,
-                                      remove_objects, rewrite_manifest)
+from transforms.corpus.layout import (MANIFEST_FILE_ROWS, Dropped, ManifestRewrite,
+                                      compact_files, remove_objects, rewrite_manifest)
 from transforms.corpus.options import BackfillOptions
 from transforms.corpus.staged import StagedManifest
 from transforms.outputs import normal_uri
@@ -185,8 +185,7 @@ class Corpus:
                           != run.schema.remove_metadata())
         # the rows of the objects read again (not of those that failed: theirs stay) and of
         # the deleted ones; a new table has none
-        drop = set() if self.chunks is None else set(deleted).union(
-            _read_whole(staged.table()).to_pylist())
+        drop = Dropped() if self.chunks is None else Dropped(deleted, staged)
         removal = remove_objects(table_path, self.storage_options, folder, drop, schema_changed)
         manifest_files = [] if self.manifest is None else table_files(self.manifest)
         rewrite = rewrite_manifest(self.manifest_path, manifest_files,
@@ -369,11 +368,6 @@ class Corpus:
                     and table.version() % CHECKPOINT_INTERVAL == 0:
                 table.create_checkpoint()
                 table.cleanup_metadata()
-
-
-def _read_whole(staged: pa.Table) -> pa.Array:
-    """The URIs of the staged objects that did not fail."""
-    return staged.filter(pc.not_equal(staged.column('status'), 'failed')).column('uri')
 
 
 def _size(file_path: str) -> int:
