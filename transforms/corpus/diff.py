@@ -38,6 +38,33 @@ COMMITTED_COLUMNS = ['uri', 'version', 'status', 'fingerprint']
 _listed = Metrics.counter('ragbeam', 'objects_listed')
 _listed_bytes = Metrics.counter('ragbeam', 'bytes_listed')
 _unchanged = Metrics.counter('ragbeam', 'objects_unchanged')
+TALLY_EVERY = 4096  # objects a range lists between two updates of the counters
+
+
+class _Tally:
+    """A range's counts of objects listed and found unchanged, passed on to Beam's counters
+    and the progress line every TALLY_EVERY objects and at the range's end, not once per
+    object: an unchanged object costs the diff little else."""
+
+    def __init__(self):
+        self.listed = self.bytes = self.unchanged = 0
+
+    def list(self, size: int) -> None:
+        self.listed += 1
+        self.bytes += size
+        if self.listed >= TALLY_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.listed:
+            _listed.inc(self.listed)
+            _listed_bytes.inc(self.bytes)
+        if self.unchanged:
+            _unchanged.inc(self.unchanged)
+        if self.listed or self.unchanged:
+            WORK.add(objects_listed=self.listed, bytes_listed=self.bytes,
+                     objects_done=self.unchanged)
+        self.listed = self.bytes = self.unchanged = 0
 _failed_ranges = Metrics.counter('ragbeam', 'list_ranges_failed')
 
 
@@ -205,7 +232,8 @@ class _ListAndDiff(beam.DoFn):
     def process(self, rng: KeyRange):
         stats = RangeStats(rng.pattern, rng.lo, rng.hi)
         owns = lambda uri: self._owns(rng.pattern, uri)  # noqa: E731
-        listed = self._listing(rng, owns, stats)
+        tally = _Tally()
+        listed = self._listing(rng, owns, stats, tally)
         committed = (c for c in self._committed.rows(rng.lo, rng.hi) if owns(c.uri))
         deletes = []  # held until the listing of the range has completed
         for uri, ref, old in _merge(listed, committed):
@@ -216,12 +244,12 @@ class _ListAndDiff(beam.DoFn):
                 continue
             setattr(stats, change, getattr(stats, change) + 1)
             if change in ('unchanged', 'outside'):
-                _unchanged.inc()
-                WORK.add(objects_done=1)
+                tally.unchanged += 1
             elif change == 'deleted':
                 deletes.append(Change(uri, change, rng.pattern))
             else:  # counted in the range's stats: only the ref goes on
                 yield uri, ref
+        tally.flush()
         if stats.error is None:
             yield from (beam.pvalue.TaggedOutput(CHANGES, d) for d in deletes)
         else:
@@ -235,7 +263,8 @@ class _ListAndDiff(beam.DoFn):
                 'deleted'))
         yield beam.pvalue.TaggedOutput(RANGES, stats)
 
-    def _listing(self, rng: KeyRange, owns, stats: RangeStats) -> Iterator[ObjectRef]:
+    def _listing(self, rng: KeyRange, owns, stats: RangeStats,
+                 tally: _Tally) -> Iterator[ObjectRef]:
         """The range's objects in URI order; a store error ends it and is kept in stats."""
         pattern = self._patterns[rng.pattern]
         store = store_for(pattern, self._config)
@@ -243,9 +272,7 @@ class _ListAndDiff(beam.DoFn):
             for ref in store.walk(store.root(glob_to_prefix(pattern)[0]), rng.lo, rng.hi):
                 if owns(ref.uri):
                     stats.listed += 1
-                    _listed.inc()
-                    _listed_bytes.inc(ref.size)
-                    WORK.add(objects_listed=1, bytes_listed=ref.size)
+                    tally.list(ref.size)
                     yield ref
         except StoreError as e:
             stats.error = str(e)
