@@ -29,7 +29,7 @@ SimpleDirectoryReader's documents, persisted between runs (the hidden sub-comman
 on its own copy of the bucket, for the steps first, unchanged and clustered (the same edit).
 llama-index-readers-file pins pypdf < 7 (ragbeam pins 7.1.1) and nltk's joblib wants
 cloudpickle >= 3 (Beam pins 2.2), so the peer lives in a venv of its own (--llama-python,
-default /tmp/llamavenv/bin/python when this Python has no llama_index).
+default /tmp/llamavenv/bin/python when this Python cannot import the file readers).
 
 `--s3`: the same steps on S3_OBJECTS objects (default 100,000) in moto's S3 server, run inside this process
 (tests.servers.MotoS3), uploaded by 16 threads; the runs read `s3://bench/src/` through
@@ -46,7 +46,6 @@ print the graph's bytes, and run the peer once (its counts as JSON on the last l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -438,20 +437,26 @@ def llama_steps(python: str, n: int, steps: Sequence[str], bucket: LocalBucket,
     return results
 
 
+LLAMA_IMPORTS = 'import llama_index.core, llama_index.readers.file'
+
+
 def find_llama_python(option: Optional[str]) -> Optional[str]:
-    """The Python the peer runs under: --llama-python; else this one when it has llama_index;
-    else /tmp/llamavenv's. None, with the reason printed, when it cannot import llama_index."""
+    """The Python the peer runs under: --llama-python; else this one when it has the peer's
+    packages (ragbeam's `llamaindex` extra brings llama-index-core, not the file readers);
+    else /tmp/llamavenv's. None, with the reason printed, when it cannot import them."""
+    def imports(python: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, '-c', LLAMA_IMPORTS], capture_output=True, text=True)
+
     if option:
         python = option
-    elif importlib.util.find_spec('llama_index') is not None:
+    elif not imports(sys.executable).returncode:
         python = sys.executable
     else:
         python = DEFAULT_LLAMA_PYTHON
     if not os.path.exists(python):
         print(f'LlamaIndex peer left out: no {python} (see bench/README.md)', flush=True)
         return None
-    check = subprocess.run([python, '-c', 'import llama_index.core, llama_index.readers.file'],
-                           capture_output=True, text=True)
+    check = imports(python)
     if check.returncode:
         print(f'LlamaIndex peer left out: {python} cannot import llama_index:\n'
               f'{check.stderr[-2000:]}', flush=True)
