@@ -236,7 +236,7 @@ class LocalStore(Store):
         for key, entry in self._entries(root, lo, hi):
             if key.endswith('/'):
                 yield from self.walk(key, lo, hi)
-            elif in_range(key, lo, hi) and entry.is_file():
+            elif entry.is_file():  # in the range: _entries holds no other
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted since the folder was read: not listed
@@ -249,11 +249,10 @@ class LocalStore(Store):
         by key; a folder's key ends with '/'. Only those are held: a range of a flat folder of
         millions of files costs its own share of them."""
         def wanted(key: str) -> bool:
-            if hi is not None and key >= hi:
-                return False
             if key.endswith('/'):  # below it, every path sorts before lo, or none does
-                return lo is None or key >= lo or lo.startswith(key)
-            return lo is None or key >= lo
+                return (hi is None or key < hi) and (lo is None or key >= lo
+                                                     or lo.startswith(key))
+            return in_range(key, lo, hi)
         return sorted(((key, e) for key, e in cls._scan(folder) if wanted(key)),
                       key=lambda pair: pair[0])
 

@@ -38,6 +38,7 @@ COMMITTED_COLUMNS = ['uri', 'version', 'status', 'fingerprint']
 _listed = Metrics.counter('ragbeam', 'objects_listed')
 _listed_bytes = Metrics.counter('ragbeam', 'bytes_listed')
 _unchanged = Metrics.counter('ragbeam', 'objects_unchanged')
+_failed_ranges = Metrics.counter('ragbeam', 'list_ranges_failed')
 TALLY_EVERY = 4096  # objects a range lists between two updates of the counters
 
 
@@ -65,7 +66,6 @@ class _Tally:
             WORK.add(objects_listed=self.listed, bytes_listed=self.bytes,
                      objects_done=self.unchanged)
         self.listed = self.bytes = self.unchanged = 0
-_failed_ranges = Metrics.counter('ragbeam', 'list_ranges_failed')
 
 
 def scope_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:

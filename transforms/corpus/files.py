@@ -96,14 +96,18 @@ def rows_in(path: str, columns: list[str], lo: Optional[str] = None,
         if stats is not None and stats.has_min_max and (
                 (lo is not None and stats.max < lo) or (hi is not None and stats.min >= hi)):
             continue
-        table = source.read_row_group(group, columns=columns)
-        if lo is not None or hi is not None:
-            column = table.column('uri')
-            keep = pc.and_(pc.greater_equal(column, lo) if lo is not None else True,
-                           pc.less(column, hi) if hi is not None else True)
-            table = table.filter(keep)
+        table = between(source.read_row_group(group, columns=columns), lo, hi)
         if table.num_rows:
             yield table
+
+
+def between(table: pa.Table, lo: Optional[str], hi: Optional[str]) -> pa.Table:
+    """The rows of a table whose uri lies in [lo, hi) (None: open)."""
+    if lo is None and hi is None:
+        return table
+    column = table.column('uri')
+    return table.filter(pc.and_(pc.greater_equal(column, lo) if lo is not None else True,
+                                pc.less(column, hi) if hi is not None else True))
 
 
 def without(path: str, drop: pa.Array, out_path: str) -> int:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms.corpus.files import open_parquet, uris
+from transforms.corpus.files import between, open_parquet, rows_in, uris
 from transforms.manifest import STATS_SCHEMA, merge_stats
 from transforms.types import MANIFEST_SCHEMA, ErrorRecord
 
@@ -109,10 +109,6 @@ class StagedManifest:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
 
-    @property
-    def num_rows(self) -> int:
-        return self.totals.rows
-
     def batches(self, fingerprint: Optional[str] = None) -> Iterator[pa.Table]:
         """The rows in uri order, at most MERGE_ROWS at a time, with `fingerprint` set."""
         if self._rows is not None:
@@ -135,33 +131,14 @@ class StagedManifest:
         """The URIs in [first, last] (None: open) of the objects that did not fail: those
         whose committed rows the run replaces. From a file, only its row groups whose uri
         statistics meet the range are read."""
-        if self._rows is not None:
-            parts = [self._rows]
-        elif self._path is not None:
-            source = pq.ParquetFile(self._path)
-            at = source.schema_arrow.get_field_index('uri')
-            groups = [g for g in range(source.num_row_groups) if _meets(
-                source.metadata.row_group(g).column(at).statistics, first, last)]
-            parts = [source.read_row_groups(groups, columns=['uri', 'status'])] if groups else []
+        hi = None if last is None else last + '\0'  # no string sorts between the two
+        if self._path is not None:
+            parts = list(rows_in(self._path, ['uri', 'status'], first, hi))
         else:
-            parts = []
-        found = []
-        for rows in parts:
-            column = rows.column('uri')
-            keep = pc.not_equal(rows.column('status'), 'failed')
-            if first is not None:
-                keep = pc.and_(keep, pc.greater_equal(column, first))
-            if last is not None:
-                keep = pc.and_(keep, pc.less_equal(column, last))
-            found.append(pc.filter(column, keep).combine_chunks())
+            parts = [between(self._rows, first, hi)] if self._rows is not None else []
+        found = [pc.filter(rows.column('uri'), pc.not_equal(rows.column('status'), 'failed'))
+                 .combine_chunks() for rows in parts]
         return pa.concat_arrays(found).cast(pa.string()) if found else pa.array([], pa.string())
-
-
-def _meets(stats, first: Optional[str], last: Optional[str]) -> bool:
-    """Whether a row group whose uri statistics are `stats` may hold a URI in [first, last]."""
-    if stats is None or not stats.has_min_max:
-        return True
-    return (first is None or stats.max >= first) and (last is None or stats.min <= last)
 
 
 def _spill(tables: list[pa.Table], folder: str, n: int) -> str:
